@@ -1,0 +1,35 @@
+# `make demo` and `make test` work on a fresh machine: `setup` installs what is missing.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+APT_PKGS := libfluidsynth3 fluid-soundfont-gm timgm6mb-soundfont
+DEMO_OUT ?= demo_out
+
+.PHONY: setup demo test bench clean
+
+setup: $(BIN)/.installed
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[synth,dev]'
+	touch $@
+
+demo: setup
+	$(BIN)/wss-ray pipeline --config configs/demo.yaml --out $(DEMO_OUT)
+
+test: setup
+	$(BIN)/python -m pytest -x -q tests
+
+bench: setup
+	$(BIN)/python benchmarks/bench_data.py
+	$(BIN)/python benchmarks/bench_stages.py
+
+clean:
+	rm -rf $(DEMO_OUT) runs .pytest_cache

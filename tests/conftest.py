@@ -1,0 +1,58 @@
+"""Shared fixtures: one small synthetic corpus rendered with a tiny soundfont, featurized
+once through Ray Data on the default local Ray settings, reused by every test."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from wss_ray.config import DataConfig, load_config
+
+TINY_SF2 = "/usr/share/sounds/sf2/TimGM6mb.sf2"
+
+
+@pytest.fixture(scope="session")
+def soundfont() -> str:
+    from wss_ray.data.synth import find_soundfont
+
+    return str(find_soundfont(TINY_SF2 if os.path.isfile(TINY_SF2) else None))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    from wss_ray.ray_session import ensure_ray
+
+    ensure_ray()  # the default local settings are what is under test
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def small_cfg():
+    return load_config(Path(__file__).parent.parent / "configs" / "smoke.yaml")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory, soundfont) -> Path:
+    from wss_ray.data.synth import synthesize_corpus
+
+    out = tmp_path_factory.mktemp("corpus")
+    synthesize_corpus(out, tracks=6, seconds=6, seed=3, soundfont=soundfont, sample_rate=22050, workers=2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def features(tmp_path_factory, corpus, ray_local, small_cfg) -> Path:
+    from wss_ray.data.featurize import featurize
+
+    out = tmp_path_factory.mktemp("features")
+    featurize(corpus, out, small_cfg.data, small_cfg.ray)
+    return out
+
+
+@pytest.fixture
+def data_cfg() -> DataConfig:
+    return DataConfig(chunk_seconds=1.024)

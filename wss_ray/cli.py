@@ -1,0 +1,146 @@
+"""The `wss-ray` command: parse, build the config, call one function."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from wss_ray.config import STAGE_NAMES, ConfigError, load_config
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML preset (configs/*.yaml); defaults apply when omitted")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set stages.separator.lr=3e-4 (repeatable)")
+
+
+def _cmd_synth(a) -> int:
+    from wss_ray.data.synth import synthesize_corpus
+
+    synthesize_corpus(a.out, a.tracks, a.seconds, a.seed, soundfont=a.soundfont, sample_rate=a.sample_rate,
+                      workers=a.workers, audio_format=a.format)
+    return 0
+
+
+def _cmd_featurize(a) -> int:
+    from wss_ray.data.featurize import featurize
+
+    cfg = load_config(a.config, a.overrides)
+    if a.workers:
+        cfg.data.workers = a.workers
+    manifest = featurize(a.slakh, a.out, cfg.data, cfg.ray)
+    return 1 if manifest["_run"]["bad_tracks"] and a.strict else 0
+
+
+def _cmd_train(a) -> int:
+    from wss_ray.stages.runner import train_stage
+
+    cfg = load_config(a.config, a.overrides)
+    if a.workers:
+        cfg.ray.workers = a.workers
+    if a.gpu:
+        cfg.ray.use_gpu = True
+    if a.storage:
+        cfg.ray.storage = a.storage
+    path = train_stage(a.stage, cfg, a.data, out=a.out, parent=a.parent)
+    print(f"[train] {a.stage} checkpoint: {path}")
+    return 0
+
+
+def _cmd_evaluate(a) -> int:
+    from wss_ray.evaluate import evaluate
+
+    cfg = load_config(a.config, a.overrides)
+    rows = evaluate(a.checkpoints, a.data, a.out, split=a.split, cfg=cfg, examples=a.examples)
+    return 0 if rows else 1
+
+
+def _cmd_pipeline(a) -> int:
+    from wss_ray.pipeline import run_pipeline
+
+    cfg = load_config(a.config, a.overrides)
+    run_pipeline(cfg, a.out, data=a.data)
+    return 0
+
+
+def _cmd_separate(a) -> int:
+    from wss_ray.separate import separate_files
+
+    separate_files(a.audio, a.checkpoint, a.out, midi=a.midi, device=a.device, chunk_seconds=a.chunk_seconds)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wss-ray", description=(
+        "Score-supervised music source separation (Hung, Wichern, Le Roux, ICASSP 2021) on Ray."))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="make and featurize corpora").add_subparsers(dest="data_cmd", required=True)
+    p = data.add_parser("synth", help="render a synthetic Slakh-format corpus from procedural MIDI with FluidSynth")
+    p.add_argument("--out", required=True, help="corpus folder to create (train/validation/test inside)")
+    p.add_argument("--tracks", type=int, default=12, help="number of songs (default 12)")
+    p.add_argument("--seconds", type=float, default=16.0, help="length of each song in seconds (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the corpus is a pure function of it")
+    p.add_argument("--soundfont", help="General MIDI .sf2 (default: FluidR3_GM from fluid-soundfont-gm)")
+    p.add_argument("--sample-rate", type=int, default=44100, help="rendering rate in Hz (default 44100, as Slakh)")
+    p.add_argument("--workers", type=int, default=2, help="parallel rendering processes (default 2)")
+    p.add_argument("--format", choices=("flac", "wav"), default="flac", help="audio format (default flac)")
+    p.set_defaults(func=_cmd_synth)
+
+    p = data.add_parser("featurize", help="tracks -> Parquet chunks with score features (Ray Data)")
+    p.add_argument("--slakh", required=True, help="Slakh2100-layout folder (real or synthetic)")
+    p.add_argument("--out", required=True, help="feature folder (manifest.json, <split>/features, <split>/stems)")
+    p.add_argument("--workers", type=int, default=0, help="parallel tasks (default: data.workers of the config)")
+    p.add_argument("--strict", action="store_true", help="exit with status 1 when any track failed")
+    _config_args(p)
+    p.set_defaults(func=_cmd_featurize)
+
+    p = sub.add_parser("train", help="train one stage as a Ray Train job")
+    p.add_argument("stage", choices=STAGE_NAMES, help="which stage of the method to train")
+    p.add_argument("--data", required=True, help="featurized data folder (with manifest.json)")
+    p.add_argument("--parent", help="parent stage checkpoint folder (transcriptor for separator, "
+                                    "separator for finetune, classifier for baseline)")
+    p.add_argument("--out", help="where the final checkpoint goes (default runs/<stage>)")
+    p.add_argument("--workers", type=int, default=0, help="Ray Train workers (default: ray.workers)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL and bf16 autocast")
+    p.add_argument("--storage", help="Ray Train storage path or URI (s3://, gs://, NFS); default <out>/ray")
+    _config_args(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="SI-SDR table (like the paper's Table 1) and transcription metrics")
+    p.add_argument("checkpoints", nargs="+", help="stage checkpoint folders holding a separator")
+    p.add_argument("--data", required=True, help="featurized data folder")
+    p.add_argument("--out", required=True, help="writes results.md, results.csv, results.json here")
+    p.add_argument("--split", default="test", help="split to evaluate (default test)")
+    p.add_argument("--examples", type=int, default=0, help="also write this many example separations (WAV)")
+    _config_args(p)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("pipeline", help="data -> all stages -> evaluation, resumable")
+    p.add_argument("--out", required=True, help="output folder (corpus, features, checkpoints, results)")
+    p.add_argument("--data", help="use this featurized folder instead of making one")
+    _config_args(p)
+    p.set_defaults(func=_cmd_pipeline)
+
+    p = sub.add_parser("separate", help="separate (and transcribe) any audio file with a trained checkpoint")
+    p.add_argument("audio", nargs="+", help="audio files (wav, flac, ogg, mp3, ...)")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint holding a separator")
+    p.add_argument("--out", required=True, help="output folder; one sub-folder per input")
+    p.add_argument("--midi", action="store_true", help="also write the transcription (needs a transcriptor)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--chunk-seconds", type=float, default=10.0, help="processing chunk length (default 10)")
+    p.set_defaults(func=_cmd_separate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"wss-ray: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

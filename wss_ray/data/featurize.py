@@ -1,0 +1,227 @@
+"""Slakh-layout tracks -> Parquet shards of audio chunks with score features, on Ray Data.
+
+One Ray Data task per track: load, resample (torchaudio), cut into chunks on the STFT frame
+grid, build piano rolls and clip activity, and write two shards atomically:
+``<out>/<split>/features/<track>.parquet`` (mix + score: all a weak stage may read) and
+``<out>/<split>/stems/<track>.parquet`` (references). A rerun skips tracks whose shards
+exist; a bad track is named in the log and in ``featurize_report.json`` and skipped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from wss_ray.config import DataConfig, RayConfig
+from wss_ray.data.score import notes_to_roll
+from wss_ray.data.slakh import list_tracks, load_track, read_sources
+
+SCHEMA_VERSION = 1
+REPORT = "featurize_report.json"
+MANIFEST = "manifest.json"
+# Settings a manifest must agree on with the config for shards to be mixed in one folder.
+MANIFEST_KEYS = ("sample_rate", "chunk_samples", "n_fft", "hop", "instruments", "pitch_min", "pitch_max", "mix")
+
+
+def features_schema(cfg: DataConfig) -> pa.Schema:
+    k, p, f, l = len(cfg.instruments), cfg.n_pitches, cfg.n_frames, cfg.chunk_samples
+    return pa.schema([
+        ("track", pa.string()), ("chunk", pa.int32()), ("start", pa.int64()),
+        ("mix", pa.list_(pa.float32(), l)), ("roll", pa.list_(pa.uint8(), k * p * f)),
+        ("active", pa.list_(pa.uint8(), k)),
+    ])
+
+
+def stems_schema(cfg: DataConfig) -> pa.Schema:
+    return pa.schema([("track", pa.string()), ("chunk", pa.int32()),
+                      ("stems", pa.list_(pa.float32(), len(cfg.instruments) * cfg.chunk_samples))])
+
+
+def _fixed(values: np.ndarray, size: int, typ: pa.DataType) -> pa.Array:
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=typ), size)
+
+
+def shard_paths(out: Path, split: str, track: str) -> tuple[Path, Path]:
+    return out / split / "features" / f"{track}.parquet", out / split / "stems" / f"{track}.parquet"
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def chunk_track(mix: np.ndarray, stems: np.ndarray, notes: list[np.ndarray], cfg: DataConfig):
+    """Cut a resampled track into chunks; yields (chunk, start, mix, stems, roll, active)."""
+    L = cfg.chunk_samples
+    n_full, tail = divmod(len(mix), L)
+    n_chunks = n_full + (1 if tail >= cfg.min_tail_fraction * L else 0)
+    for c in range(n_chunks):
+        start = c * L
+        seg = np.zeros(L, np.float32)
+        seg_stems = np.zeros((stems.shape[0], L), np.float32)
+        part = mix[start:start + L]
+        seg[:len(part)] = part
+        seg_stems[:, :len(part)] = stems[:, start:start + L]
+        roll = np.stack([notes_to_roll(n, cfg.n_frames, cfg.sample_rate, cfg.hop, cfg.pitch_min,
+                                       cfg.pitch_max, start_frame=start // cfg.hop) for n in notes])
+        if len(part) < L:  # no score beyond the end of the audio
+            roll[:, :, len(part) // cfg.hop + 1:] = 0
+        active = roll.reshape(roll.shape[0], -1).max(axis=1).astype(np.uint8)
+        yield c, start, seg, seg_stems, roll, active
+
+
+def featurize_track(split: str, track_dir: str, out: str, cfg_dict: dict) -> dict:
+    """Ray Data map function: one track -> two shards. Returns a status row, never raises."""
+    import torch
+
+    from wss_ray.dsp import resample
+
+    torch.set_num_threads(1)
+    cfg = DataConfig(**cfg_dict)
+    track = Path(track_dir)
+    t0 = time.time()
+    try:
+        src = read_sources(split, track, cfg)
+        audio = load_track(src, cfg)
+        wave = torch.from_numpy(np.concatenate([audio.mix[None], audio.stems]))
+        wave = resample(wave, audio.sample_rate, cfg.sample_rate).numpy()
+        mix, stems = wave[0], wave[1:]
+        rows = list(chunk_track(mix, stems, audio.notes, cfg))
+        if not rows:
+            raise ValueError(f"{track}: shorter than half a chunk ({len(mix) / cfg.sample_rate:.2f} s)")
+        k, p, f, l = len(cfg.instruments), cfg.n_pitches, cfg.n_frames, cfg.chunk_samples
+        n = len(rows)
+        names = pa.array([track.name] * n, pa.string())
+        chunks = pa.array([r[0] for r in rows], pa.int32())
+        feats = pa.Table.from_arrays([
+            names, chunks, pa.array([r[1] for r in rows], pa.int64()),
+            _fixed(np.stack([r[2] for r in rows]), l, pa.float32()),
+            _fixed(np.stack([r[4] for r in rows]), k * p * f, pa.uint8()),
+            _fixed(np.stack([r[5] for r in rows]), k, pa.uint8()),
+        ], schema=features_schema(cfg))
+        stem_tab = pa.Table.from_arrays([names, chunks, _fixed(np.stack([r[3] for r in rows]), k * l, pa.float32())],
+                                        schema=stems_schema(cfg))
+        fpath, spath = shard_paths(Path(out), split, track.name)
+        # stems first: the features shard is the "track finished" marker
+        _write_atomic(stem_tab, spath)
+        _write_atomic(feats, fpath)
+        return {"split": split, "track": track.name, "chunks": n, "error": "",
+                "audio_s": len(mix) / cfg.sample_rate, "seconds": time.time() - t0}
+    except Exception as e:  # reported by name in the log and the report file, never dropped
+        msg = str(e) if str(track) in str(e) else f"{track}: {type(e).__name__}: {e}"
+        return {"split": split, "track": track.name, "chunks": 0, "error": msg, "audio_s": 0.0,
+                "seconds": time.time() - t0}
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(out: Path) -> str:
+    """Content hash of every shard (features and stems) with its relative path."""
+    h = hashlib.sha256()
+    for p in sorted(out.glob("*/*/*.parquet")):
+        h.update(str(p.relative_to(out)).encode())
+        h.update(_file_sha(p).encode())
+    return h.hexdigest()[:16]
+
+
+def _check_existing(out: Path, cfg: DataConfig) -> None:
+    path = out / MANIFEST
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    for key in MANIFEST_KEYS:
+        new = getattr(cfg, key) if key != "chunk_samples" else cfg.chunk_samples
+        if old.get(key) != new:
+            raise ValueError(f"{path}: existing features were made with {key}={old.get(key)!r}, the config "
+                             f"asks for {new!r}; use another --out folder or delete this one")
+
+
+def _clean_temp(out: Path) -> None:
+    for tmp in out.glob("*/*/.*.tmp-*"):
+        tmp.unlink()
+
+
+def featurize(slakh: str | Path, out: str | Path, cfg: DataConfig, ray_cfg: RayConfig | None = None,
+              log: Callable[[str], None] = print) -> dict:
+    """Featurize every track under ``slakh`` into ``out``; returns the manifest."""
+    import ray
+
+    from wss_ray.ray_session import ensure_ray
+
+    out = Path(out)
+    tracks = list_tracks(slakh)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_existing(out, cfg)
+    _clean_temp(out)
+    todo = [(s, t) for s, t in tracks if not shard_paths(out, s, t.name)[0].is_file()]
+    log(f"[featurize] {len(tracks)} tracks in {slakh}; {len(tracks) - len(todo)} already done, "
+        f"{len(todo)} to do with {cfg.workers} parallel task(s)")
+    errors: list[dict] = []
+    report_path = out / REPORT
+    if report_path.is_file():  # keep earlier failures that are still unresolved
+        errors = [e for e in json.loads(report_path.read_text()).get("bad_tracks", [])
+                  if not shard_paths(out, e["split"], e["track"])[0].is_file()
+                  and (e["split"], e["track"]) not in {(s, t.name) for s, t in todo}]
+    t0 = time.time()
+    audio_s = 0.0
+    if todo:
+        ensure_ray(ray_cfg)
+        items = [{"split": s, "track_dir": str(t)} for s, t in todo]
+        cfg_dict = dataclasses.asdict(cfg)
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map(lambda r: featurize_track(r["split"], r["track_dir"], str(out), cfg_dict),
+                    num_cpus=1, compute=ray.data.TaskPoolStrategy(size=cfg.workers))
+        for i, row in enumerate(ds.iter_rows(), 1):
+            if row["error"]:
+                errors.append({"split": row["split"], "track": row["track"], "error": row["error"]})
+                log(f"[featurize] {i}/{len(todo)} FAILED {row['error']}")
+            else:
+                audio_s += row["audio_s"]
+                log(f"[featurize] {i}/{len(todo)} {row['split']}/{row['track']}: {row['chunks']} chunks "
+                    f"({row['seconds']:.1f} s)")
+    wall = time.time() - t0
+    tmp = report_path.with_name(REPORT + ".tmp")
+    tmp.write_text(json.dumps({"bad_tracks": errors}, indent=2))
+    os.replace(tmp, report_path)
+    manifest = write_manifest(out, cfg, source=str(slakh))
+    log(f"[featurize] {sum(v['chunks'] for v in manifest['splits'].values())} chunks in "
+        f"{len(manifest['splits'])} split(s); {len(errors)} bad track(s)"
+        + (f" (see {report_path})" if errors else "")
+        + (f"; {audio_s / wall:.1f} s of audio per s" if audio_s and wall > 0 else ""))
+    manifest["_run"] = {"wall_s": wall, "audio_s": audio_s, "bad_tracks": errors}
+    return manifest
+
+
+def write_manifest(out: Path, cfg: DataConfig, source: str = "") -> dict:
+    splits = {}
+    for split_dir in sorted(p for p in out.iterdir() if (p / "features").is_dir()):
+        shards = sorted(split_dir.glob("features/*.parquet"))
+        chunks = sum(pq.ParquetFile(s).metadata.num_rows for s in shards)
+        splits[split_dir.name] = {"tracks": len(shards), "chunks": chunks}
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "sample_rate": cfg.sample_rate, "chunk_samples": cfg.chunk_samples, "chunk_seconds": cfg.chunk_seconds,
+        "n_fft": cfg.n_fft, "hop": cfg.hop, "n_frames": cfg.n_frames,
+        "instruments": list(cfg.instruments), "pitch_min": cfg.pitch_min, "pitch_max": cfg.pitch_max,
+        "mix": cfg.mix, "splits": splits, "fingerprint": fingerprint(out), "source": source,
+    }
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out / MANIFEST)
+    return manifest

@@ -1,0 +1,97 @@
+"""Stage checkpoints: a directory with ``model.pt`` (each model's class, constructor kwargs and
+state, optimizer states) and ``meta.json`` (stage, variant, resolved config, parents, data
+fingerprint, code revision, step, metrics). Loaded with ``weights_only=True``."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from wss_ray.models import MODEL_CLASSES
+
+MODEL_FILE = "model.pt"
+META_FILE = "meta.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, of the wrong stage or made for other data."""
+
+
+def code_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+        if rev.returncode == 0 and rev.stdout.strip():
+            return rev.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from wss_ray import __version__
+    return f"wss-ray {__version__}"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def save_checkpoint(path: str | Path, models: dict[str, nn.Module], meta: dict,
+                    optimizers: dict[str, torch.optim.Optimizer] | None = None) -> Path:
+    """Write atomically: a reader never sees a half-written checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    payload = {
+        "models": {name: {"class": type(unwrap(m)).__name__, "kwargs": unwrap(m).init_kwargs,
+                          "state": {k: v.detach().cpu() for k, v in unwrap(m).state_dict().items()}}
+                   for name, m in models.items()},
+        "optim": {name: o.state_dict() for name, o in (optimizers or {}).items()},
+    }
+    torch.save(payload, tmp / MODEL_FILE)
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
+def read_meta(path: str | Path) -> dict:
+    p = Path(path) / META_FILE
+    if not p.is_file():
+        raise CheckpointError(f"{path}: not a wss-ray checkpoint (no {META_FILE})")
+    return json.loads(p.read_text())
+
+
+def load_checkpoint(path: str | Path, stages: Iterable[str] | None = None,
+                    instruments: list[str] | None = None, purpose: str = "") -> tuple[dict, dict]:
+    """(payload, meta); refuses a checkpoint of another stage or instrument list."""
+    meta = read_meta(path)
+    stages = list(stages) if stages else None
+    if stages and meta.get("stage") not in stages:
+        raise CheckpointError(f"{path}: is a '{meta.get('stage')}' checkpoint; {purpose or 'this'} needs "
+                              f"one of {stages}")
+    if instruments is not None and meta.get("instruments") != list(instruments):
+        raise CheckpointError(f"{path}: trained on instruments {meta.get('instruments')}, the data has "
+                              f"{list(instruments)}")
+    payload = torch.load(Path(path) / MODEL_FILE, map_location="cpu", weights_only=True)
+    return payload, meta
+
+
+def build_model(payload: dict, name: str) -> nn.Module:
+    if name not in payload["models"]:
+        raise CheckpointError(f"checkpoint holds no '{name}' model (it has {sorted(payload['models'])})")
+    entry = payload["models"][name]
+    model = make_model(entry["class"], entry["kwargs"])
+    model.load_state_dict(entry["state"])
+    return model
+
+
+def make_model(class_name: str, kwargs: dict) -> nn.Module:
+    model = MODEL_CLASSES[class_name](**kwargs)
+    model.init_kwargs = dict(kwargs)
+    return model

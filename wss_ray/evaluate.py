@@ -1,0 +1,170 @@
+"""Evaluation like the paper's Table 1: SI-SDR per instrument on the chunks where that
+instrument's reference is audible, for the input mixture, the oracle ideal ratio mask and
+every checkpoint; frame-level transcription P/R/F1 (mir_eval.multipitch) for the
+transcriptors the checkpoints hold."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wss_ray.config import Config
+from wss_ray.data.dataset import iter_local, load_manifest
+from wss_ray.dsp import STFT, midi_to_hz
+from wss_ray.losses import si_sdr
+from wss_ray.separate import Separator
+
+# a reference quieter than this peak (about -60 dBFS) counts as silent in that chunk
+SILENCE_PEAK = 1e-3
+PAPER_ORDER = ("bass", "guitar", "piano")
+
+
+def oracle_irm(spec: torch.Tensor, stems_spec: torch.Tensor, stft: STFT, length: int) -> torch.Tensor:
+    """Ideal ratio mask |S_k| / Σ_j |S_j| on the mixture STFT: the ceiling of mask-based separation."""
+    mag = stems_spec.abs()
+    mask = mag / mag.sum(dim=1, keepdim=True).clamp(min=1e-8)
+    return stft.inverse(mask * spec[:, None], length)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def multipitch_prf(pred: np.ndarray, ref: np.ndarray, fps: float, pitch_min: int) -> tuple[float, float, float]:
+    """Frame-level P/R/F1 with mir_eval.multipitch on binary (P, N) rolls."""
+    import mir_eval
+
+    times = np.arange(ref.shape[1]) / fps
+    hz = np.array([float(midi_to_hz(pitch_min + p)) for p in range(ref.shape[0])])
+    ref_f = [hz[np.nonzero(ref[:, n])[0]] for n in range(ref.shape[1])]
+    est_f = [hz[np.nonzero(pred[:, n])[0]] for n in range(pred.shape[1])]
+    if not any(len(f) for f in ref_f) and not any(len(f) for f in est_f):
+        return 1.0, 1.0, 1.0
+    scores = mir_eval.multipitch.evaluate(times, ref_f, times, est_f)
+    p, r = scores["Precision"], scores["Recall"]
+    return float(p), float(r), float(2 * p * r / (p + r) if p + r > 0 else 0.0)
+
+
+def evaluate(checkpoints: list[str], data: str | Path, out: str | Path, split: str = "test",
+             cfg: Config | None = None, examples: int = 0, batch_size: int = 16, log=print) -> list[dict]:
+    import soundfile as sf
+
+    manifest = load_manifest(data)
+    insts = manifest["instruments"]
+    seps = [Separator.from_checkpoint(c) for c in checkpoints]
+    for c, s in zip(checkpoints, seps):
+        if s.instruments != insts:
+            raise ValueError(f"{c}: trained on {s.instruments}, the data has {insts}")
+    names, seen = [], {}
+    for s in seps:
+        n = s.system
+        seen[n] = seen.get(n, 0) + 1
+        names.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
+    systems = ["mixture", "oracle_irm"] + names
+    stft = STFT(manifest["n_fft"], manifest["hop"])
+    scores = {s: [[] for _ in insts] for s in systems}
+    rolls_ref, rolls_est = [], {n: [] for n, s in zip(names, seps) if s.transcriptor is not None}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ex_left = examples
+    n_chunks = 0
+    for batch in iter_local(data, split, batch_size, with_stems=True):
+        mix, refs = batch["mix"], batch["stems"]
+        L = mix.shape[-1]
+        spec = stft(mix)
+        audible = refs.abs().amax(dim=-1) > SILENCE_PEAK                      # (B, K)
+        ests = {"mixture": mix[:, None].expand_as(refs), "oracle_irm": oracle_irm(spec, stft(refs), stft, L)}
+        for n, s in zip(names, seps):
+            ests[n] = s.separate_batch(mix).cpu()
+            if n in rolls_est:
+                rolls_est[n].append((s.transcribe_batch(mix).cpu() > 0.5).numpy())
+        rolls_ref.append(batch["roll"].numpy() > 0.5)
+        for sysname, est in ests.items():
+            sdr = si_sdr(est, refs)
+            for k in range(len(insts)):
+                scores[sysname][k] += sdr[:, k][audible[:, k]].tolist()
+        for i in range(min(ex_left, len(mix))):
+            folder = out / "examples" / f"example{examples - ex_left + 1:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            sr = manifest["sample_rate"]
+            sf.write(folder / "mixture.wav", mix[i].numpy(), sr)
+            for k, inst in enumerate(insts):
+                sf.write(folder / f"reference_{inst}.wav", refs[i, k].numpy(), sr)
+                for n in names:
+                    sf.write(folder / f"{n.replace('[', '_').replace(']', '').replace('+', '-')}_{inst}.wav",
+                             ests[n][i, k].numpy(), sr)
+            ex_left -= 1
+        n_chunks += len(mix)
+    if n_chunks == 0:
+        raise ValueError(f"{data}/{split}: no chunks to evaluate")
+
+    rows = []
+    for sysname in systems:
+        for k, inst in enumerate(insts):
+            v = np.array(scores[sysname][k])
+            rows.append({"system": sysname, "instrument": inst,
+                         "si_sdr_mean": float(v.mean()) if len(v) else float("nan"),
+                         "si_sdr_median": float(np.median(v)) if len(v) else float("nan"),
+                         "n_chunks": int(len(v))})
+    trans = []
+    if rolls_est:
+        ref = np.concatenate(rolls_ref)                              # (C, K, P, N)
+        fps = manifest["sample_rate"] / manifest["hop"]
+        for n, parts in rolls_est.items():
+            est = np.concatenate(parts)
+            for k, inst in enumerate(insts):
+                flat = lambda r: np.concatenate(list(r[:, k]), axis=-1)  # chunks side by side in time
+                p, r, f = multipitch_prf(flat(est), flat(ref), fps, manifest["pitch_min"])
+                trans.append({"system": n, "instrument": inst, "precision": p, "recall": r, "f1": f})
+    table = results_markdown(rows, trans, insts, split, n_chunks)
+    _write_atomic(out / "results.json", json.dumps(rows, indent=2))
+    _write_atomic(out / "transcription.json", json.dumps(trans, indent=2))
+    with open(out / ".results.csv.tmp", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(out / ".results.csv.tmp", out / "results.csv")
+    _write_atomic(out / "results.md", table)
+    log(table)
+    log(f"[evaluate] results in {out}/results.{{md,csv,json}}" + (f"; examples in {out}/examples" if examples else ""))
+    return rows
+
+
+def results_markdown(rows: list[dict], trans: list[dict], insts: list[str], split: str, n_chunks: int) -> str:
+    order = [i for i in PAPER_ORDER if i in insts] + [i for i in insts if i not in PAPER_ORDER]
+    by = {(r["system"], r["instrument"]): r for r in rows}
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+
+    def avg(sysname, key):
+        return float(np.nanmean([by[(sysname, i)][key] for i in insts]))
+
+    has_gap = "mixture" in systems and "supervised" in systems
+    lines = [f"SI-SDR (dB) on {split}: {n_chunks} chunks; mean over chunks where the reference is audible "
+             f"(median in parentheses)", ""]
+    head = "| system | " + " | ".join(order) + " | avg |" + (" gap closed |" if has_gap else "")
+    lines += [head, "|" + "---|" * (len(order) + 2 + has_gap)]
+    for s in systems:
+        cells = [f"{by[(s, i)]['si_sdr_mean']:.2f} ({by[(s, i)]['si_sdr_median']:.2f})" for i in order]
+        line = f"| {s} | " + " | ".join(cells) + f" | {avg(s, 'si_sdr_mean'):.2f} |"
+        if has_gap:
+            lo, hi = avg("mixture", "si_sdr_mean"), avg("supervised", "si_sdr_mean")
+            gap = (avg(s, "si_sdr_mean") - lo) / (hi - lo) * 100 if hi != lo else float("nan")
+            line += f" {gap:.0f}% |"
+        lines.append(line)
+    lines.append("")
+    lines.append("n_chunks per instrument: " + ", ".join(f"{i} {by[(systems[0], i)]['n_chunks']}" for i in order))
+    if trans:
+        lines += ["", "Frame-level transcription (mir_eval.multipitch) of the transcriptor each checkpoint holds",
+                  "", "| system | " + " | ".join(f"{i} P/R/F1" for i in order) + " |",
+                  "|" + "---|" * (len(order) + 1)]
+        tb = {(t["system"], t["instrument"]): t for t in trans}
+        for s in dict.fromkeys(t["system"] for t in trans):
+            lines.append(f"| {s} | " + " | ".join(
+                f"{tb[(s, i)]['precision']:.2f}/{tb[(s, i)]['recall']:.2f}/{tb[(s, i)]['f1']:.2f}" for i in order) + " |")
+    return "\n".join(lines) + "\n"

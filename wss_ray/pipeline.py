@@ -1,0 +1,86 @@
+"""The stage graph from one config: data -> transcriptor -> separator(s) -> finetune(s),
+classifier -> baseline, supervised -> evaluation. A stage whose final checkpoint exists is
+reused, so an interrupted pipeline resumes where it stopped."""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+from wss_ray.checkpoint import META_FILE
+from wss_ray.config import Config
+from wss_ray.stages.runner import CHECKPOINT_DIR, run_name, train_stage
+
+
+def _variant(cfg: Config, stage: str, **fields) -> Config:
+    v = copy.deepcopy(cfg)
+    for k, val in fields.items():
+        setattr(v.stages[stage], k, list(val))
+    return v
+
+
+def prepare_data(cfg: Config, out: Path, log=print) -> Path:
+    from wss_ray.data.featurize import featurize
+    from wss_ray.data.synth import synthesize_corpus
+
+    corpus, features = out / "corpus", out / "features"
+    if not cfg.synth.enabled and not corpus.is_dir():
+        raise ValueError("the pipeline has no data: set synth.enabled: true in the config or pass --data")
+    if cfg.synth.enabled:
+        s = cfg.synth
+        synthesize_corpus(corpus, s.tracks, s.seconds, s.seed, soundfont=s.soundfont or None,
+                          sample_rate=s.sample_rate, workers=s.workers, audio_format=s.audio_format,
+                          splits=s.splits, log=log)
+    featurize(corpus, features, cfg.data, cfg.ray, log=log)
+    return features
+
+
+def run_pipeline(cfg: Config, out: str | Path, data: str | Path | None = None, log=print) -> list[dict]:
+    from wss_ray.evaluate import evaluate
+
+    t0 = time.time()
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    features = Path(data).resolve() if data else prepare_data(cfg, out, log)
+    wanted = set(cfg.pipeline.stages)
+    trained: dict[str, Path] = {}
+
+    def stage(name: str, scfg: Config, parent: Path | None = None) -> Path:
+        folder = out / "checkpoints" / run_name(name, scfg)
+        final = folder / CHECKPOINT_DIR
+        if (final / META_FILE).is_file():
+            log(f"[pipeline] {folder.name}: reusing finished checkpoint {final}")
+            return final
+        log(f"[pipeline] {folder.name}: training")
+        return train_stage(name, scfg, features, out=folder, parent=str(parent) if parent else None, log=log)
+
+    if "transcriptor" in wanted:
+        trained["transcriptor"] = stage("transcriptor", cfg)
+    separators = {}
+    if "separator" in wanted:
+        for masks in cfg.pipeline.separator_variants:
+            v = _variant(cfg, "separator", masks=masks)
+            separators[tuple(masks)] = trained[f"separator[{'+'.join(masks)}]"] = stage(
+                "separator", v, trained["transcriptor"])
+    if "finetune" in wanted:
+        if not separators:
+            raise ValueError("pipeline.stages: finetune needs the separator stage")
+        parent = separators.get(tuple(cfg.stages["finetune"].masks), list(separators.values())[-1])
+        for adv in cfg.pipeline.finetune_variants:
+            v = _variant(cfg, "finetune", adversarial=adv)
+            trained[f"finetune[{'+'.join(adv) or 'none'}]"] = stage("finetune", v, parent)
+    if "classifier" in wanted:
+        trained["classifier"] = stage("classifier", cfg)
+    if "baseline" in wanted:
+        trained["baseline"] = stage("baseline", cfg, trained["classifier"])
+    if "supervised" in wanted:
+        trained["supervised"] = stage("supervised", cfg)
+
+    evaluated = [str(p) for k, p in trained.items() if k not in ("transcriptor", "classifier")]
+    rows = []
+    if evaluated:
+        rows = evaluate(evaluated, features, out / "results", split=cfg.pipeline.eval_split, cfg=cfg,
+                        examples=cfg.pipeline.examples, log=log)
+    log(f"[pipeline] finished in {time.time() - t0:.0f} s; checkpoints in {out / 'checkpoints'}, "
+        f"results in {out / 'results'} (results.md, results.csv, results.json, examples/)")
+    return rows

@@ -1,0 +1,139 @@
+"""What every stage shares: the step context (STFT, harmonic basis, device, precision) and the
+Recipe interface the runner drives. A recipe reads like the paper's step: build the models,
+define the losses of one update; it knows nothing of Ray."""
+from __future__ import annotations
+
+import abc
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from wss_ray.checkpoint import build_model, make_model
+from wss_ray.config import Config, StageConfig
+from wss_ray.data.score import harmonic_basis, harmonic_masks
+from wss_ray.dsp import STFT
+
+
+@dataclass
+class StepContext:
+    cfg: Config
+    stage: StageConfig
+    manifest: dict
+    device: torch.device
+    parent: dict | None = None          # parent checkpoint payload
+    _basis: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self.stft = STFT(self.manifest["n_fft"], self.manifest["hop"])
+
+    @property
+    def n_sources(self) -> int:
+        return len(self.manifest["instruments"])
+
+    def autocast(self):
+        # bf16 on GPU; on CPU full precision (CPU bf16 LSTMs are slower, not faster)
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def mixture(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Complex STFT X (B, F, N) and |X| of the batch's mixtures."""
+        spec = self.stft(batch["mix"])
+        return spec, spec.abs()
+
+    def harmonic(self, roll: torch.Tensor) -> torch.Tensor:
+        if self._basis is None:
+            m = self.manifest
+            self._basis = harmonic_basis(m["sample_rate"], m["n_fft"], m["pitch_min"], m["pitch_max"],
+                                         self.cfg.data.harmonics).to(self.device)
+        return harmonic_masks(roll, self._basis)
+
+    # model factories from the config (sizes) and the manifest (signal settings)
+    def new_separator(self) -> nn.Module:
+        c = self.cfg.models.separator
+        return make_model("MaskSeparator", {"n_bins": self.manifest["n_fft"] // 2 + 1,
+                                            "n_sources": self.n_sources, "hidden": c.hidden,
+                                            "layers": c.layers, "dropout": c.dropout})
+
+    def _spectro_kwargs(self, c) -> dict:
+        m = self.manifest
+        return {"sample_rate": m["sample_rate"], "n_fft": m["n_fft"], "n_sources": self.n_sources,
+                "pitch_min": m["pitch_min"], "pitch_max": m["pitch_max"], "channels": c.channels,
+                "hidden": c.hidden, "bins_per_semitone": c.bins_per_semitone, "dropout": c.dropout}
+
+    def new_transcriptor(self) -> nn.Module:
+        return make_model("Transcriptor", self._spectro_kwargs(self.cfg.models.transcriptor))
+
+    def new_classifier(self) -> nn.Module:
+        return make_model("Classifier", self._spectro_kwargs(self.cfg.models.classifier))
+
+    def from_parent(self, name: str) -> nn.Module:
+        return build_model(self.parent, name)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def separate(separator: nn.Module, mag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks M (B, K, F, N) and separated magnitudes Ŝ = M ⊙ |X|."""
+    masks = separator(mag)
+    return masks, masks * mag[:, None]
+
+
+def flat_sources(est: torch.Tensor) -> torch.Tensor:
+    """(B, K, F, N) -> (B·K, F, N), row-major in (b, k) as the losses expect."""
+    b, k, f, n = est.shape
+    return est.reshape(b * k, f, n)
+
+
+class Recipe(abc.ABC):
+    """One stage of the method. Subclasses set the class attributes and implement
+    ``build`` and ``losses``; ``update`` may be overridden for alternating schemes."""
+
+    name = ""
+    parents: tuple[str, ...] = ()     # stages whose checkpoint this one starts from
+    needs_stems = False               # only the supervised upper bound
+    trainable: tuple[str, ...] = ()   # models with an optimizer (DDP-wrapped by the runner)
+    val_metric = "val_loss"
+    val_mode = "min"
+
+    def variant(self, stage: StageConfig) -> str:
+        return ""
+
+    @abc.abstractmethod
+    def build(self, ctx: StepContext) -> dict[str, nn.Module]:
+        """Fresh models (parents' weights loaded, frozen critics frozen)."""
+
+    @abc.abstractmethod
+    def losses(self, batch: dict, models: dict[str, nn.Module], ctx: StepContext) -> dict[str, torch.Tensor]:
+        """Loss terms with the total under "loss"; differentiable."""
+
+    def optimizers(self, models: dict[str, nn.Module], ctx: StepContext) -> dict[str, torch.optim.Optimizer]:
+        s = ctx.stage
+        return {n: torch.optim.AdamW([p for p in models[n].parameters() if p.requires_grad], lr=s.lr,
+                                     weight_decay=s.weight_decay) for n in self.trainable}
+
+    def update(self, batch: dict, models: dict, opts: dict, ctx: StepContext, step: int = 0) -> dict[str, float]:
+        """One optimisation step; returns loss terms as floats."""
+        with ctx.autocast():
+            terms = self.losses(batch, models, ctx)
+        for o in opts.values():
+            o.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        for n in self.trainable:
+            if ctx.stage.grad_clip:
+                torch.nn.utils.clip_grad_norm_(models[n].parameters(), ctx.stage.grad_clip)
+            opts[n].step()
+        return {k: float(v.detach()) for k, v in terms.items()}
+
+    @torch.no_grad()
+    def validate(self, batch: dict, models: dict, ctx: StepContext) -> dict[str, float]:
+        with ctx.autocast():
+            terms = self.losses(batch, models, ctx)
+        return {f"val_{k}": float(v) for k, v in terms.items()}

@@ -1,0 +1,26 @@
+"""Baseline, step 2 (Pishdadian et al. 2020): a separator trained with the frozen classifier as
+critic (each separated source must be classified as its own instrument only) and the
+clip-level mixture loss. It sees activity labels only, never pitch: the harmonic mask is
+not available to it whatever ``masks`` says."""
+from __future__ import annotations
+
+from wss_ray.losses import classifier_guided_loss, clip_mixture_loss
+from wss_ray.stages.base import Recipe, StepContext, flat_sources, freeze, separate
+
+
+class BaselineRecipe(Recipe):
+    name = "baseline"
+    parents = ("classifier",)
+    trainable = ("separator",)
+
+    def build(self, ctx: StepContext):
+        return {"separator": ctx.new_separator(), "classifier": freeze(ctx.from_parent("classifier"))}
+
+    def losses(self, batch, models, ctx):
+        s = ctx.stage
+        _, mag = ctx.mixture(batch)
+        _, est = separate(models["separator"], mag)
+        terms = {"cls": classifier_guided_loss(models["classifier"](flat_sources(est))["inst"], batch["roll"]),
+                 "c_mix": clip_mixture_loss(mag, est, batch["active"])}
+        terms["loss"] = s.lambda_tr * terms["cls"] + s.lambda_c * terms["c_mix"]
+        return terms

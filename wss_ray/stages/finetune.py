@@ -1,0 +1,113 @@
+"""Step 3: separator and transcriptor fine-tuned together, alternating S and T updates, with
+the adversarial transcription loss (ATL) and/or adversarial mixture loss (AML)."""
+from __future__ import annotations
+
+import torch
+
+from wss_ray.losses import (aml_separator_loss, aml_transcriptor_loss, leakage_transcription_loss,
+                            recomposition, separation_transcription_loss, transcription_loss)
+from wss_ray.stages.base import Recipe, StepContext, flat_sources, separate
+from wss_ray.stages.separator import separator_terms
+
+
+def _split(out: dict, sizes: list[int]) -> list[dict]:
+    """T's outputs on a concatenated batch, split back into its parts (one DDP forward per update)."""
+    parts = {k: torch.split(v, sizes) for k, v in out.items()}
+    return [{k: parts[k][i] for k in out} for i in range(len(sizes))]
+
+
+class FinetuneRecipe(Recipe):
+    name = "finetune"
+    parents = ("separator",)
+    trainable = ("separator", "transcriptor")
+
+    def variant(self, stage):
+        return "+".join(list(stage.masks) + sorted(stage.adversarial))
+
+    def build(self, ctx: StepContext):
+        return {"separator": ctx.from_parent("separator"), "transcriptor": ctx.from_parent("transcriptor")}
+
+    def optimizers(self, models, ctx):
+        s = ctx.stage
+        return {"separator": torch.optim.AdamW(models["separator"].parameters(), lr=s.lr, weight_decay=s.weight_decay),
+                "transcriptor": torch.optim.AdamW(models["transcriptor"].parameters(), lr=s.t_lr)}
+
+    def _perms(self, b: int, k: int, device, step: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(step)
+        return torch.stack([torch.randperm(b, generator=g) for _ in range(k)]).to(device)
+
+    def s_losses(self, batch, models, ctx, step=0):
+        s, S, T = ctx.stage, models["separator"], models["transcriptor"]
+        _, mag = ctx.mixture(batch)
+        _, est = separate(S, mag)
+        b, k = est.shape[:2]
+        inputs, sizes = [flat_sources(est)], [b * k]
+        if "aml" in s.adversarial:
+            fake, fake_score = recomposition(est, batch["roll"], self._perms(b, k, mag.device, step))
+            inputs.append(fake)
+            sizes.append(b)
+        outs = _split(T(torch.cat(inputs)), sizes)
+        # ATL's separator side is L_tr itself: remove what T learns to spot
+        terms = separator_terms(batch, mag, est, outs[0], ctx)
+        total = terms["loss"]
+        if "aml" in s.adversarial:
+            terms["aml_s"] = aml_separator_loss(outs[1], fake_score)
+            total = total + s.lambda_adv * terms["aml_s"]
+        terms["loss"] = total
+        return terms, mag
+
+    def t_losses(self, batch, models, ctx, mag, step=0):
+        s, S, T = ctx.stage, models["separator"], models["transcriptor"]
+        with torch.no_grad():
+            _, est = separate(getattr(S, "module", S), mag)
+        b, k = est.shape[:2]
+        inputs, sizes = [mag, flat_sources(est)], [b, b * k]
+        if "aml" in s.adversarial:
+            fake, fake_score = recomposition(est, batch["roll"], self._perms(b, k, mag.device, step))
+            inputs.append(fake)
+            sizes.append(b)
+        outs = _split(T(torch.cat(inputs)), sizes)
+        terms = {}
+        if "aml" in s.adversarial:
+            terms["t_real"] = aml_transcriptor_loss(outs[0], batch["roll"], outs[2], fake_score, s.beta, s.margin)
+        else:
+            terms["t_real"] = transcription_loss(outs[0], batch["roll"])
+        total = s.lambda_t * terms["t_real"]
+        if "atl" in s.adversarial:
+            terms["t_sep"] = leakage_transcription_loss(outs[1], batch["roll"])
+        else:
+            # [ours] without ATL, T adapts cooperatively to separated sources (target Y^(k))
+            terms["t_sep"] = separation_transcription_loss(outs[1], batch["roll"])
+        total = total + s.lambda_adv * terms["t_sep"]
+        terms["loss"] = total
+        return terms
+
+    def losses(self, batch, models, ctx):
+        """Validation: the separator's score-only objective (no adversarial terms)."""
+        _, mag = ctx.mixture(batch)
+        _, est = separate(models["separator"], mag)
+        return separator_terms(batch, mag, est, models["transcriptor"](flat_sources(est)), ctx)
+
+    def update(self, batch, models, opts, ctx, step=0):
+        clip = ctx.stage.grad_clip
+        # S update: T's gradients are computed (T is DDP-wrapped) but discarded
+        with ctx.autocast():
+            s_terms, mag = self.s_losses(batch, models, ctx, step)
+        for o in opts.values():
+            o.zero_grad(set_to_none=True)
+        s_terms["loss"].backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(models["separator"].parameters(), clip)
+        opts["separator"].step()
+        # T update on detached separations
+        with ctx.autocast():
+            t_terms = self.t_losses(batch, models, ctx, mag.detach(), step)
+        for o in opts.values():
+            o.zero_grad(set_to_none=True)
+        t_terms["loss"].backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(models["transcriptor"].parameters(), clip)
+        opts["transcriptor"].step()
+        out = {k: float(v.detach()) for k, v in s_terms.items()}
+        out.update({("t_" + k if k == "loss" else k): float(v.detach()) for k, v in t_terms.items()})
+        return out

@@ -1,0 +1,226 @@
+"""The one runner every stage goes through.
+
+``fit`` is the plain training loop (batches in, losses out, periodic validation and
+checkpoints); ``_worker`` wraps it for Ray Train (DDP models, dataset shards, report,
+resume from ``ray.train.get_checkpoint()``); ``train_stage`` builds the TorchTrainer on the
+driver, checks the parent checkpoint and writes the final stage checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from wss_ray.checkpoint import CheckpointError, code_revision, load_checkpoint, read_meta, save_checkpoint, unwrap
+from wss_ray.config import Config, config_from_dict
+from wss_ray.data.dataset import load_manifest, supervised_dataset, to_tensors, weak_dataset
+from wss_ray.stages import RECIPES
+from wss_ray.stages.base import Recipe, StepContext
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+def run_name(stage: str, cfg: Config) -> str:
+    variant = RECIPES[stage].variant(cfg.stages[stage])
+    return stage + (f"-{variant.replace('+', '-')}" if variant else "")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def fit(recipe: Recipe, ctx: StepContext, models: dict, opts: dict, train_batches: Callable[[int], Iterable[dict]],
+        val_batches: Callable[[], Iterable[dict]], on_checkpoint: Callable[[int, dict], None],
+        start_step: int = 0, log: Callable[[str], None] | None = None,
+        after_step: Callable[[int], None] | None = None) -> dict:
+    """Train ``ctx.stage.steps`` updates; validate and checkpoint every ``checkpoint_every``."""
+    s = ctx.stage
+    step, epoch, metrics = start_step, 0, {}
+    log_every = max(1, s.steps // 10)
+    t0 = time.time()
+    while step < s.steps:
+        seen = 0
+        for batch in train_batches(epoch):
+            for m in models.values():
+                m.train() if any(p.requires_grad for p in m.parameters()) else m.eval()
+            metrics = recipe.update(to_device(batch, ctx.device), models, opts, ctx, step)
+            step += 1
+            seen += 1
+            if log and (step % log_every == 0 or step == s.steps):
+                terms = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+                log(f"[{recipe.name}] step {step}/{s.steps} {terms} ({(time.time() - t0) / max(seen, 1):.2f} s/step)")
+            if after_step:
+                after_step(step)
+            if step % s.checkpoint_every == 0 or step == s.steps:
+                metrics.update(evaluate_batches(recipe, ctx, models, val_batches()))
+                on_checkpoint(step, metrics)
+            if step >= s.steps:
+                break
+        if seen == 0:
+            raise ValueError(f"{recipe.name}: the train split yields no full batch of {s.batch_size} per worker; "
+                             "lower stages.<stage>.batch_size or ray.workers, or add data")
+        epoch += 1
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_batches(recipe: Recipe, ctx: StepContext, models: dict, batches: Iterable[dict]) -> dict:
+    totals: dict[str, float] = {}
+    n = 0
+    for m in models.values():
+        m.eval()
+    for i, batch in enumerate(batches):
+        if i >= ctx.stage.val_batches:
+            break
+        for k, v in recipe.validate(to_device(batch, ctx.device), models, ctx).items():
+            totals[k] = totals.get(k, 0.0) + v
+        n += 1
+    return {k: v / n for k, v in totals.items()} if n else {}
+
+
+def _arrow_batches(shard, manifest: dict, batch_size: int, seed: int | None) -> Iterator[dict]:
+    """Training batches are full and locally shuffled; validation batches (seed None) are neither."""
+    train = seed is not None
+    for arrow in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=train,
+                                    local_shuffle_buffer_size=4 * batch_size if train else None,
+                                    local_shuffle_seed=seed):
+        yield to_tensors(arrow, manifest)
+
+
+def _worker(config: dict) -> None:
+    """Ray Train worker: build, wrap, resume, fit, report."""
+    import ray.train
+    import ray.train.torch
+
+    stage, manifest = config["stage"], config["manifest"]
+    recipe = RECIPES[stage]
+    cfg = config_from_dict(config["cfg"])
+    ctx_train = ray.train.get_context()
+    rank, world = ctx_train.get_world_rank(), ctx_train.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    parent = load_checkpoint(config["parent"])[0] if config["parent"] else None
+    ctx = StepContext(cfg, cfg.stages[stage], manifest, device, parent)
+    models = recipe.build(ctx)
+    for name in models:
+        models[name] = (ray.train.torch.prepare_model(models[name]) if name in recipe.trainable
+                        else models[name].to(device))
+    opts = recipe.optimizers(models, ctx)
+    meta = dict(config["meta"])
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            payload, old = load_checkpoint(d)
+            for name, m in models.items():
+                unwrap(m).load_state_dict(payload["models"][name]["state"])
+            for name, o in opts.items():
+                o.load_state_dict(payload["optim"][name])
+            start = old["step"]
+            meta["resumed_from"] = old.get("resumed_from", []) + [start]
+        if rank == 0:
+            print(f"[{stage}] resumed from the checkpoint of step {start}")
+    torch.manual_seed(cfg.seed + 7919 * rank + start)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    s = ctx.stage
+
+    def on_checkpoint(step: int, metrics: dict) -> None:
+        report = {"step": step, **metrics}
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = save_checkpoint(Path(tmp) / "ckpt", models, {**meta, "step": step, "metrics": report}, opts)
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
+        else:
+            ray.train.report(report, checkpoint=None)
+
+    fail_at, marker = config.get("fail_once_at"), config.get("fail_marker")
+
+    def after_step(step: int) -> None:
+        # test hook: a worker dies once mid-stage, to exercise FailureConfig + resume
+        if fail_at and step == fail_at and rank == 0 and marker and not os.path.exists(marker):
+            Path(marker).write_text(str(step))
+            raise RuntimeError(f"injected failure at step {step}")
+
+    fit(recipe, ctx, models, opts,
+        train_batches=lambda epoch: _arrow_batches(train_shard, manifest, s.batch_size, cfg.seed + epoch * world + rank),
+        val_batches=lambda: _arrow_batches(val_shard, manifest, s.batch_size, None),
+        on_checkpoint=on_checkpoint, start_step=start, log=print if rank == 0 else None, after_step=after_step)
+
+
+def check_parent(stage: str, parent: str | None, manifest: dict) -> str | None:
+    recipe = RECIPES[stage]
+    if not recipe.parents:
+        if parent:
+            raise CheckpointError(f"stage '{stage}' starts from scratch and takes no --parent")
+        return None
+    if not parent:
+        raise CheckpointError(f"stage '{stage}' needs --parent: a {' or '.join(recipe.parents)} checkpoint")
+    from wss_ray.tune_handoff import resolve_parent
+
+    path = resolve_parent(parent)
+    meta = read_meta(path)
+    if meta.get("stage") not in recipe.parents:
+        raise CheckpointError(f"{path}: is a '{meta.get('stage')}' checkpoint; stage '{stage}' needs a "
+                              f"{' or '.join(recipe.parents)} checkpoint as --parent")
+    if meta.get("instruments") != manifest["instruments"]:
+        raise CheckpointError(f"{path}: trained on instruments {meta.get('instruments')}, the data has "
+                              f"{manifest['instruments']}")
+    return str(Path(path).resolve())
+
+
+def train_stage(stage: str, cfg: Config, data: str | Path, out: str | Path | None = None,
+                parent: str | None = None, fail_once_at: int | None = None, fail_marker: str | None = None,
+                log: Callable[[str], None] = print) -> Path:
+    """Train one stage as a Ray Train job; returns the final checkpoint folder."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from wss_ray.ray_session import ensure_ray
+
+    if stage not in RECIPES:
+        raise ValueError(f"unknown stage {stage!r}; known: {sorted(RECIPES)}")
+    recipe = RECIPES[stage]
+    data = Path(data).resolve()
+    manifest = load_manifest(data)
+    parent_path = check_parent(stage, parent, manifest)
+    name = run_name(stage, cfg)
+    out = Path(out or Path("runs") / name).resolve()
+    final = out / CHECKPOINT_DIR
+    storage = cfg.ray.storage or str(out / "ray")
+    open_split = supervised_dataset if recipe.needs_stems else weak_dataset
+    val_split = "validation" if (data / "validation" / "features").is_dir() else "train"
+    meta = {"stage": stage, "variant": recipe.variant(cfg.stages[stage]), "config": cfg.to_dict(),
+            "parents": [parent_path] if parent_path else [], "data_fingerprint": manifest["fingerprint"],
+            "data": str(data), "instruments": manifest["instruments"], "code_revision": code_revision(),
+            "val_metric": recipe.val_metric, "val_mode": recipe.val_mode}
+    ensure_ray(cfg.ray)
+    log(f"[{stage}] {cfg.ray.workers} worker(s){' on GPU' if cfg.ray.use_gpu else ''}, {cfg.stages[stage].steps} steps, "
+        f"data {data.name} ({manifest['fingerprint']}), parent {parent_path or '-'}")
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"stage": stage, "cfg": cfg.to_dict(), "manifest": manifest, "parent": parent_path,
+                           "meta": meta, "fail_once_at": fail_once_at, "fail_marker": fail_marker},
+        scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": open_split(data, "train"), "val": open_split(data, val_split)},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"[{stage}] training finished without a checkpoint (see {storage}/{name})")
+    tmp = out / f".{CHECKPOINT_DIR}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    result.checkpoint.to_directory(str(tmp))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    log(f"[{stage}] done: {final} ({', '.join(f'{k}={v:.4g}' for k, v in result.metrics.items() if isinstance(v, float))})")
+    return final

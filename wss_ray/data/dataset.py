@@ -48,11 +48,18 @@ def feature_files(data_dir: str | Path, split: str) -> list[str]:
     return _shards(data_dir, split, "features")
 
 
-def weak_dataset(data_dir: str | Path, split: str):
-    """Ray Data Dataset of features rows (track, chunk, start, mix, roll, active). No stems."""
+def weak_dataset(data_dir: str | Path, split: str, repeat: int = 1, seed: int | None = None):
+    """Ray Data Dataset of features rows (track, chunk, start, mix, roll, active). No stems.
+
+    ``repeat`` > 1 lists the shards that many times, shuffled at shard level with ``seed``:
+    one stream covers many epochs, because restarting a streaming split per epoch costs
+    about a second, which dominates on small data.
+    """
     import ray
 
-    return ray.data.read_parquet(feature_files(data_dir, split), file_extensions=["parquet"])
+    files = feature_files(data_dir, split)
+    ds = ray.data.read_parquet(files * repeat, file_extensions=["parquet"])
+    return ds.randomize_block_order(seed=seed) if repeat > 1 else ds
 
 
 def _stems_for(data_dir: str, split: str, table: pa.Table) -> pa.Table:
@@ -82,9 +89,10 @@ class _AttachStems:
         return _stems_for(self.data_dir, self.split, batch)
 
 
-def supervised_dataset(data_dir: str | Path, split: str):
+def supervised_dataset(data_dir: str | Path, split: str, repeat: int = 1, seed: int | None = None):
     """Ray Data Dataset of features rows joined with their reference stems."""
-    return weak_dataset(data_dir, split).map_batches(
+    _shards(data_dir, split, "stems")  # fail now, naming the folder, rather than inside a Ray task
+    return weak_dataset(data_dir, split, repeat, seed).map_batches(
         _AttachStems(str(data_dir), split), batch_format="pyarrow", zero_copy_batch=True)
 
 

@@ -7,6 +7,7 @@ driver, checks the parent checkpoint and writes the final stage checkpoint.
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -53,7 +54,8 @@ def fit(recipe: Recipe, ctx: StepContext, models: dict, opts: dict, train_batche
             seen += 1
             if log and (step % log_every == 0 or step == s.steps):
                 terms = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-                log(f"[{recipe.name}] step {step}/{s.steps} {terms} ({(time.time() - t0) / max(seen, 1):.2f} s/step)")
+                rate = (time.time() - t0) / max(step - start_step, 1)
+                log(f"[{recipe.name}] step {step}/{s.steps} {terms} ({rate:.2f} s/step)")
             if after_step:
                 after_step(step)
             if step % s.checkpoint_every == 0 or step == s.steps:
@@ -194,6 +196,12 @@ def train_stage(stage: str, cfg: Config, data: str | Path, out: str | Path | Non
     final = out / CHECKPOINT_DIR
     storage = cfg.ray.storage or str(out / "ray")
     open_split = supervised_dataset if recipe.needs_stems else weak_dataset
+    scfg = cfg.stages[stage]
+    rows = manifest["splits"].get("train", {}).get("chunks", 0)
+    if rows < scfg.batch_size * cfg.ray.workers:
+        raise ValueError(f"{data}: the train split has {rows} chunks, fewer than batch_size x workers = "
+                         f"{scfg.batch_size} x {cfg.ray.workers}")
+    repeat = math.ceil(scfg.steps * scfg.batch_size * cfg.ray.workers / rows) + 1
     val_split = "validation" if (data / "validation" / "features").is_dir() else "train"
     meta = {"stage": stage, "variant": recipe.variant(cfg.stages[stage]), "config": cfg.to_dict(),
             "parents": [parent_path] if parent_path else [], "data_fingerprint": manifest["fingerprint"],
@@ -211,7 +219,7 @@ def train_stage(stage: str, cfg: Config, data: str | Path, out: str | Path | Non
         run_config=RunConfig(name=name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": open_split(data, "train"), "val": open_split(data, val_split)},
+        datasets={"train": open_split(data, "train", repeat, cfg.seed), "val": open_split(data, val_split)},
     )
     result = trainer.fit()
     if result.checkpoint is None:

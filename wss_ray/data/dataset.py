@@ -48,18 +48,32 @@ def feature_files(data_dir: str | Path, split: str) -> list[str]:
     return _shards(data_dir, split, "features")
 
 
+# Splits up to this size are held in Ray's object store once and replayed for every epoch.
+MATERIALIZE_BYTES = 2 << 30
+
+
 def weak_dataset(data_dir: str | Path, split: str, repeat: int = 1, seed: int | None = None):
     """Ray Data Dataset of features rows (track, chunk, start, mix, roll, active). No stems.
 
-    ``repeat`` > 1 lists the shards that many times, shuffled at shard level with ``seed``:
-    one stream covers many epochs, because restarting a streaming split per epoch costs
-    about a second, which dominates on small data.
+    ``repeat`` > 1 chains that many passes (epochs) into one stream, each pass in its own
+    shard order (``seed``): restarting a streaming split per epoch costs seconds, which
+    dominates on small data. A split that fits comfortably in the object store is read
+    once and replayed; a larger one is re-read per pass.
     """
     import ray
 
     files = feature_files(data_dir, split)
-    ds = ray.data.read_parquet(files * repeat, file_extensions=["parquet"])
-    return ds.randomize_block_order(seed=seed) if repeat > 1 else ds
+    if repeat <= 1:
+        return ray.data.read_parquet(files, file_extensions=["parquet"])
+    rng = np.random.default_rng(seed)
+    size = sum(Path(f).stat().st_size for f in files) * 3  # parquet (zstd) -> arrow in memory, roughly
+    if size < MATERIALIZE_BYTES:
+        once = ray.data.read_parquet(files, file_extensions=["parquet"]).materialize()
+        passes = [once.randomize_block_order(seed=int(rng.integers(1 << 31))) for _ in range(repeat)]
+    else:
+        passes = [ray.data.read_parquet([files[i] for i in rng.permutation(len(files))],
+                                        file_extensions=["parquet"]) for _ in range(repeat)]
+    return passes[0].union(*passes[1:])
 
 
 def _stems_for(data_dir: str, split: str, table: pa.Table) -> pa.Table:

@@ -44,9 +44,12 @@ def fit(recipe: Recipe, ctx: StepContext, models: dict, opts: dict, train_batche
     step, epoch, metrics = start_step, 0, {}
     log_every = max(1, s.steps // 10)
     t0 = time.time()
+    wait = 0.0  # time spent waiting for input batches: the ingest share of a step
     while step < s.steps:
         seen = 0
+        t_ready = time.time()
         for batch in train_batches(epoch):
+            wait += time.time() - t_ready
             for m in models.values():
                 m.train() if any(p.requires_grad for p in m.parameters()) else m.eval()
             metrics = recipe.update(to_device(batch, ctx.device), models, opts, ctx, step)
@@ -54,8 +57,9 @@ def fit(recipe: Recipe, ctx: StepContext, models: dict, opts: dict, train_batche
             seen += 1
             if log and (step % log_every == 0 or step == s.steps):
                 terms = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-                rate = (time.time() - t0) / max(step - start_step, 1)
-                log(f"[{recipe.name}] step {step}/{s.steps} {terms} ({rate:.2f} s/step)")
+                done = max(step - start_step, 1)
+                log(f"[{recipe.name}] step {step}/{s.steps} {terms} ({(time.time() - t0) / done:.2f} s/step, "
+                    f"{wait / done:.2f} s waiting for data)")
             if after_step:
                 after_step(step)
             if step % s.checkpoint_every == 0 or step == s.steps:
@@ -63,6 +67,7 @@ def fit(recipe: Recipe, ctx: StepContext, models: dict, opts: dict, train_batche
                 on_checkpoint(step, metrics)
             if step >= s.steps:
                 break
+            t_ready = time.time()
         if seen == 0:
             raise ValueError(f"{recipe.name}: the train split yields no full batch of {s.batch_size} per worker; "
                              "lower stages.<stage>.batch_size or ray.workers, or add data")
@@ -105,6 +110,10 @@ def _worker(config: dict) -> None:
     ctx_train = ray.train.get_context()
     rank, world = ctx_train.get_world_rank(), ctx_train.get_world_size()
     device = ray.train.torch.get_device()
+    # one intra-op thread per reserved CPU: more threads than cores across workers thrash
+    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    if rank == 0:
+        print(f"[{stage}] worker threads: {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})")
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     parent = load_checkpoint(config["parent"])[0] if config["parent"] else None
     ctx = StepContext(cfg, cfg.stages[stage], manifest, device, parent)

@@ -27,9 +27,12 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -x -q tests
 
+BENCH_OUT ?= bench_out
 bench: setup
 	$(BIN)/python benchmarks/bench_data.py
-	$(BIN)/python benchmarks/bench_stages.py
+	$(BIN)/wss-ray data synth --out $(BENCH_OUT)/corpus --tracks 24 --seconds 16 --seed 7
+	$(BIN)/wss-ray data featurize --slakh $(BENCH_OUT)/corpus --out $(BENCH_OUT)/features --config configs/demo.yaml
+	$(BIN)/python benchmarks/bench_stages.py --data $(BENCH_OUT)/features --config configs/demo.yaml
 
 clean:
-	rm -rf $(DEMO_OUT) runs .pytest_cache
+	rm -rf $(DEMO_OUT) $(BENCH_OUT) runs .pytest_cache

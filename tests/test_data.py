@@ -304,7 +304,7 @@ def test_weak_reader_cannot_yield_stems(features, tmp_path):
     n = sum(len(to_tensors(b, m)["mix"]) for b in weak_dataset(copy, "train").iter_batches(
         batch_size=4, batch_format="pyarrow"))
     assert n == m["splits"]["train"]["chunks"]
-    with pytest.raises(Exception, match="stems shard missing"):
+    with pytest.raises(DataError, match="train/stems: no Parquet shards"):
         supervised_dataset(copy, "train").take(1)
 
 

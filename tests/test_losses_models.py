@@ -44,7 +44,11 @@ def test_model_shapes():
 def test_transcription_loss_zero_for_perfect_logits():
     y = (torch.rand(B, K, P, N) < 0.1).float()
     out = {"roll": big_logits(y), "inst": big_logits(y.amax(2)), "pitch": big_logits(y.amax(1))}
-    assert L.transcription_loss(out, y) < 1e-6
+    assert L.transcription_loss(out, y) < 1e-6 and L.transcription_loss(out, y, pos_weight=5.0) < 1e-6
+    # a missed note costs pos_weight times more than with plain BCE
+    miss = {k: torch.full_like(v, -30.0) for k, v in out.items()}
+    ratio = L.bce(miss["roll"], y, 5.0) / L.bce(miss["roll"], y)
+    assert abs(float(ratio) - 5.0) < 1e-3
     wrong = {k: -v for k, v in out.items()}
     assert L.transcription_loss(wrong, y) > 10
 

@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a checkpoint holding a separator")
     p.add_argument("--out", required=True, help="output folder; one sub-folder per input")
     p.add_argument("--midi", action="store_true", help="also write the transcription (needs a transcriptor)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs (default cpu)")
     p.add_argument("--chunk-seconds", type=float, default=10.0, help="processing chunk length (default 10)")
     p.set_defaults(func=_cmd_separate)
     return parser

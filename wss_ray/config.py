@@ -141,6 +141,8 @@ class StageConfig:
     grad_clip: float = 5.0
     checkpoint_every: int = 50
     val_batches: int = 4
+    # weight of positive cells in every transcription BCE (1 = plain BCE, as the paper)
+    pos_weight: float = 1.0
     # separator / baseline / finetune: mixture losses in {"c", "h"}
     masks: list[str] = field(default_factory=lambda: ["c", "h"])
     lambda_tr: float = 1.0
@@ -155,7 +157,7 @@ class StageConfig:
     t_lr: float = 1e-4
 
     def validate(self, path: str) -> None:
-        _positive(self, path, "steps", "batch_size", "lr", "checkpoint_every", "t_lr")
+        _positive(self, path, "steps", "batch_size", "lr", "checkpoint_every", "t_lr", "pos_weight")
         for name in ("weight_decay", "grad_clip", "val_batches", "lambda_tr", "lambda_c", "lambda_h",
                      "lambda_t", "lambda_adv", "beta", "margin"):
             if getattr(self, name) < 0:

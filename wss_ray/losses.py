@@ -7,17 +7,20 @@ import torch
 import torch.nn.functional as F
 
 
-def bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+def bce(logits: torch.Tensor, target: torch.Tensor, pos_weight: float = 1.0) -> torch.Tensor:
+    """Mean BCE on logits; ``pos_weight`` w scales the positive term: −[w·y log σ(z) + (1−y) log(1−σ(z))]."""
+    pw = None if pos_weight == 1.0 else torch.tensor(pos_weight, device=logits.device)
+    return F.binary_cross_entropy_with_logits(logits.float(), target.float(), pos_weight=pw)
 
 
-def transcription_loss(out: dict[str, torch.Tensor], roll: torch.Tensor) -> torch.Tensor:
+def transcription_loss(out: dict[str, torch.Tensor], roll: torch.Tensor, pos_weight: float = 1.0) -> torch.Tensor:
     """L_T = BCE(Z, Y) + BCE(inst, max_p Y) + BCE(pitch, max_k Y).
 
     out: roll (B, K, P, N), inst (B, K, N), pitch (B, P, N) logits; roll: Y (B, K, P, N) in {0, 1}.
+    pos_weight > 1 [ours, default 1] counters the sparsity of piano rolls (a few % of cells on).
     """
-    return (bce(out["roll"], roll) + bce(out["inst"], roll.amax(dim=2))
-            + bce(out["pitch"], roll.amax(dim=1)))
+    return (bce(out["roll"], roll, pos_weight) + bce(out["inst"], roll.amax(dim=2), pos_weight)
+            + bce(out["pitch"], roll.amax(dim=1), pos_weight))
 
 
 def own_channel_targets(roll: torch.Tensor) -> torch.Tensor:
@@ -27,7 +30,7 @@ def own_channel_targets(roll: torch.Tensor) -> torch.Tensor:
     return eye[None, :, :, None, None] * roll[:, None]
 
 
-def separation_transcription_loss(out: dict[str, torch.Tensor], roll: torch.Tensor) -> torch.Tensor:
+def separation_transcription_loss(out: dict[str, torch.Tensor], roll: torch.Tensor, pos_weight: float = 1.0) -> torch.Tensor:
     """L_tr = (1/K) Σ_k L_T(T(Ŝ_k), Y^(k)): separated source k transcribes to instrument k's
     notes and nothing else.
 
@@ -35,10 +38,10 @@ def separation_transcription_loss(out: dict[str, torch.Tensor], roll: torch.Tens
     """
     b, k, p, n = roll.shape
     target = own_channel_targets(roll).reshape(b * k, k, p, n)
-    return transcription_loss(out, target)
+    return transcription_loss(out, target, pos_weight)
 
 
-def leakage_transcription_loss(out: dict[str, torch.Tensor], roll: torch.Tensor) -> torch.Tensor:
+def leakage_transcription_loss(out: dict[str, torch.Tensor], roll: torch.Tensor, pos_weight: float = 1.0) -> torch.Tensor:
     """ATL, transcriptor side: L_T(T(Ŝ_k), Y) for every k. T learns to find *all* instruments'
     notes in each separated source, i.e. to spot leakage; S answers with L_tr.
 
@@ -46,7 +49,7 @@ def leakage_transcription_loss(out: dict[str, torch.Tensor], roll: torch.Tensor)
     """
     b, k, p, n = roll.shape
     target = roll[:, None].expand(b, k, k, p, n).reshape(b * k, k, p, n)
-    return transcription_loss(out, target)
+    return transcription_loss(out, target, pos_weight)
 
 
 def clip_mixture_loss(mix_mag: torch.Tensor, est_mag: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -79,21 +82,22 @@ def recomposition(est_mag: torch.Tensor, roll: torch.Tensor, perms: torch.Tensor
     return mixed, score
 
 
-def aml_separator_loss(out_recomposed: dict[str, torch.Tensor], score: torch.Tensor) -> torch.Tensor:
+def aml_separator_loss(out_recomposed: dict[str, torch.Tensor], score: torch.Tensor,
+                       pos_weight: float = 1.0) -> torch.Tensor:
     """AML, separator side: L_T(T(x̃), Ỹ). S makes recomposed mixtures transcribe like real ones."""
-    return transcription_loss(out_recomposed, score)
+    return transcription_loss(out_recomposed, score, pos_weight)
 
 
 def aml_transcriptor_loss(out_real: dict[str, torch.Tensor], roll: torch.Tensor,
                           out_recomposed: dict[str, torch.Tensor], score: torch.Tensor,
-                          beta: float, margin: float) -> torch.Tensor:
+                          beta: float, margin: float, pos_weight: float = 1.0) -> torch.Tensor:
     """AML, transcriptor side: L_T(T(|X|), Y) − β · min(L_T(T(x̃), Ỹ), m).
 
     T stays a transcriber on real mixtures while it learns where recomposed mixtures betray
     separation errors; the hinge at margin m keeps the adversarial term bounded.
     """
-    fake = transcription_loss(out_recomposed, score)
-    return transcription_loss(out_real, roll) - beta * torch.clamp(fake, max=margin)
+    fake = transcription_loss(out_recomposed, score, pos_weight)
+    return transcription_loss(out_real, roll, pos_weight) - beta * torch.clamp(fake, max=margin)
 
 
 def classifier_loss(inst_logits: torch.Tensor, roll: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,7 @@ class FinetuneRecipe(Recipe):
         terms = separator_terms(batch, mag, est, outs[0], ctx)
         total = terms["loss"]
         if "aml" in s.adversarial:
-            terms["aml_s"] = aml_separator_loss(outs[1], fake_score)
+            terms["aml_s"] = aml_separator_loss(outs[1], fake_score, s.pos_weight)
             total = total + s.lambda_adv * terms["aml_s"]
         terms["loss"] = total
         return terms, mag
@@ -69,15 +69,16 @@ class FinetuneRecipe(Recipe):
         outs = _split(T(torch.cat(inputs)), sizes)
         terms = {}
         if "aml" in s.adversarial:
-            terms["t_real"] = aml_transcriptor_loss(outs[0], batch["roll"], outs[2], fake_score, s.beta, s.margin)
+            terms["t_real"] = aml_transcriptor_loss(outs[0], batch["roll"], outs[2], fake_score, s.beta, s.margin,
+                                                    s.pos_weight)
         else:
-            terms["t_real"] = transcription_loss(outs[0], batch["roll"])
+            terms["t_real"] = transcription_loss(outs[0], batch["roll"], s.pos_weight)
         total = s.lambda_t * terms["t_real"]
         if "atl" in s.adversarial:
-            terms["t_sep"] = leakage_transcription_loss(outs[1], batch["roll"])
+            terms["t_sep"] = leakage_transcription_loss(outs[1], batch["roll"], s.pos_weight)
         else:
             # [ours] without ATL, T adapts cooperatively to separated sources (target Y^(k))
-            terms["t_sep"] = separation_transcription_loss(outs[1], batch["roll"])
+            terms["t_sep"] = separation_transcription_loss(outs[1], batch["roll"], s.pos_weight)
         total = total + s.lambda_adv * terms["t_sep"]
         terms["loss"] = total
         return terms

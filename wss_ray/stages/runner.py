@@ -63,6 +63,8 @@ def fit(recipe: Recipe, ctx: StepContext, models: dict, opts: dict, train_batche
             if after_step:
                 after_step(step)
             if step % s.checkpoint_every == 0 or step == s.steps:
+                done = max(step - start_step, 1)
+                metrics.update({"s_per_step": (time.time() - t0) / done, "data_wait_s": wait / done})
                 metrics.update(evaluate_batches(recipe, ctx, models, val_batches()))
                 on_checkpoint(step, metrics)
             if step >= s.steps:

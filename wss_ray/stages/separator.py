@@ -11,7 +11,7 @@ def separator_terms(batch, mag, est, t_out, ctx: StepContext) -> dict:
 
     mag |X| (B, F, N), est Ŝ (B, K, F, N), t_out: T's logits on the flattened Ŝ."""
     s = ctx.stage
-    terms = {"tr": separation_transcription_loss(t_out, batch["roll"])}
+    terms = {"tr": separation_transcription_loss(t_out, batch["roll"], s.pos_weight)}
     total = s.lambda_tr * terms["tr"]
     if "c" in s.masks:
         terms["c_mix"] = clip_mixture_loss(mag, est, batch["active"])

@@ -27,12 +27,12 @@ class TranscriptorRecipe(Recipe):
 
     def losses(self, batch, models, ctx):
         _, mag = ctx.mixture(batch)
-        return {"loss": transcription_loss(models["transcriptor"](mag), batch["roll"])}
+        return {"loss": transcription_loss(models["transcriptor"](mag), batch["roll"], ctx.stage.pos_weight)}
 
     @torch.no_grad()
     def validate(self, batch, models, ctx):
         _, mag = ctx.mixture(batch)
         out = models["transcriptor"](mag)
         p, r, f = frame_prf(out["roll"].float(), batch["roll"])
-        return {"val_loss": float(transcription_loss(out, batch["roll"])), "val_precision": p,
+        return {"val_loss": float(transcription_loss(out, batch["roll"], ctx.stage.pos_weight)), "val_precision": p,
                 "val_recall": r, "val_f1": f}

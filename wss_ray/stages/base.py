@@ -92,6 +92,18 @@ def flat_sources(est: torch.Tensor) -> torch.Tensor:
     return est.reshape(b * k, f, n)
 
 
+def apply_update(loss: torch.Tensor, models: dict, opts: dict, names: tuple[str, ...], clip: float) -> None:
+    """Backward ``loss`` and step the optimizers of ``names`` only; every gradient is cleared
+    first, so gradients that reach other models (a critic in the graph) are discarded."""
+    for o in opts.values():
+        o.zero_grad(set_to_none=True)
+    loss.backward()
+    for n in names:
+        if clip:
+            torch.nn.utils.clip_grad_norm_(models[n].parameters(), clip)
+        opts[n].step()
+
+
 class Recipe(abc.ABC):
     """One stage of the method. Subclasses set the class attributes and implement
     ``build`` and ``losses``; ``update`` may be overridden for alternating schemes."""
@@ -123,13 +135,7 @@ class Recipe(abc.ABC):
         """One optimisation step; returns loss terms as floats."""
         with ctx.autocast():
             terms = self.losses(batch, models, ctx)
-        for o in opts.values():
-            o.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        for n in self.trainable:
-            if ctx.stage.grad_clip:
-                torch.nn.utils.clip_grad_norm_(models[n].parameters(), ctx.stage.grad_clip)
-            opts[n].step()
+        apply_update(terms["loss"], models, opts, self.trainable, ctx.stage.grad_clip)
         return {k: float(v.detach()) for k, v in terms.items()}
 
     @torch.no_grad()

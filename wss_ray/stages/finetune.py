@@ -6,7 +6,7 @@ import torch
 
 from wss_ray.losses import (aml_separator_loss, aml_transcriptor_loss, leakage_transcription_loss,
                             recomposition, separation_transcription_loss, transcription_loss)
-from wss_ray.stages.base import Recipe, StepContext, flat_sources, separate
+from wss_ray.stages.base import Recipe, StepContext, apply_update, flat_sources, separate
 from wss_ray.stages.separator import separator_terms
 
 
@@ -94,21 +94,11 @@ class FinetuneRecipe(Recipe):
         # S update: T's gradients are computed (T is DDP-wrapped) but discarded
         with ctx.autocast():
             s_terms, mag = self.s_losses(batch, models, ctx, step)
-        for o in opts.values():
-            o.zero_grad(set_to_none=True)
-        s_terms["loss"].backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(models["separator"].parameters(), clip)
-        opts["separator"].step()
+        apply_update(s_terms["loss"], models, opts, ("separator",), clip)
         # T update on detached separations
         with ctx.autocast():
             t_terms = self.t_losses(batch, models, ctx, mag.detach(), step)
-        for o in opts.values():
-            o.zero_grad(set_to_none=True)
-        t_terms["loss"].backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(models["transcriptor"].parameters(), clip)
-        opts["transcriptor"].step()
+        apply_update(t_terms["loss"], models, opts, ("transcriptor",), clip)
         out = {k: float(v.detach()) for k, v in s_terms.items()}
         out.update({("t_" + k if k == "loss" else k): float(v.detach()) for k, v in t_terms.items()})
         return out

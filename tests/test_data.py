@@ -21,7 +21,7 @@ import yaml
 from wss_ray.config import DataConfig
 from wss_ray.data.dataset import (DataError, iter_local, load_manifest, supervised_dataset, to_tensors,
                                   weak_dataset)
-from wss_ray.data.featurize import featurize, featurize_track
+from wss_ray.data.featurize import featurize
 from wss_ray.data.score import (harmonic_basis, harmonic_masks, harmonic_masks_reference, load_notes,
                                 notes_to_roll)
 from wss_ray.data.slakh import SlakhError, list_tracks, load_track, read_sources

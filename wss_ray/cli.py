@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from wss_ray.config import STAGE_NAMES, ConfigError, load_config

@@ -48,11 +48,13 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
+                    help="stages to measure (a stage's parent stage must be listed before it)")
     args = ap.parse_args()
     base = load_config(args.config)
     out = Path(tempfile.mkdtemp(prefix="wss-bench-stages-"))
     ckpt, results = {}, {}
-    for stage in STAGES:
+    for stage in args.stages:
         row = {}
         for workers in (1, 2):
             cfg = copy.deepcopy(base)

@@ -60,19 +60,29 @@ def weak_dataset(data_dir: str | Path, split: str, repeat: int = 1, seed: int | 
     dominates on small data. A split that fits comfortably in the object store is read
     once and replayed; a larger one is re-read per pass.
     """
+    return _passes(data_dir, split, repeat, seed, attach=None)
+
+
+def _passes(data_dir: str | Path, split: str, repeat: int, seed: int | None, attach):
     import ray
 
     files = feature_files(data_dir, split)
+
+    def read(paths):
+        ds = ray.data.read_parquet(paths, file_extensions=["parquet"])
+        return ds.map_batches(attach, batch_format="pyarrow", zero_copy_batch=True) if attach else ds
+
     if repeat <= 1:
-        return ray.data.read_parquet(files, file_extensions=["parquet"])
+        return read(files)
     rng = np.random.default_rng(seed)
     size = sum(Path(f).stat().st_size for f in files) * 3  # parquet (zstd) -> arrow in memory, roughly
+    if attach:
+        size *= len(load_manifest(data_dir)["instruments"]) + 1
     if size < MATERIALIZE_BYTES:
-        once = ray.data.read_parquet(files, file_extensions=["parquet"]).materialize()
+        once = read(files).materialize()  # stems (if any) attached once, not per pass
         passes = [once.randomize_block_order(seed=int(rng.integers(1 << 31))) for _ in range(repeat)]
     else:
-        passes = [ray.data.read_parquet([files[i] for i in rng.permutation(len(files))],
-                                        file_extensions=["parquet"]) for _ in range(repeat)]
+        passes = [read([files[i] for i in rng.permutation(len(files))]) for _ in range(repeat)]
     return passes[0].union(*passes[1:])
 
 
@@ -106,8 +116,7 @@ class _AttachStems:
 def supervised_dataset(data_dir: str | Path, split: str, repeat: int = 1, seed: int | None = None):
     """Ray Data Dataset of features rows joined with their reference stems."""
     _shards(data_dir, split, "stems")  # fail now, naming the folder, rather than inside a Ray task
-    return weak_dataset(data_dir, split, repeat, seed).map_batches(
-        _AttachStems(str(data_dir), split), batch_format="pyarrow", zero_copy_batch=True)
+    return _passes(data_dir, split, repeat, seed, attach=_AttachStems(str(data_dir), split))
 
 
 def _fixed_to_numpy(col: pa.ChunkedArray | pa.Array, shape: tuple[int, ...]) -> np.ndarray:

@@ -54,6 +54,18 @@ def test_lineage_metadata(pipeline_out, features):
     assert read_meta(ck / "finetune-c-h-aml-atl" / "checkpoint")["variant"] == "c+h+aml+atl"
 
 
+def test_training_metrics_go_to_tensorboard(pipeline_out):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(pipeline_out / "checkpoints" / "finetune-c-h-aml-atl" / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    # loss terms separately, validation metrics, learning rates of both models
+    assert {"finetune/tr", "finetune/c_mix", "finetune/h_mix", "finetune/aml_s", "finetune/t_sep",
+            "finetune/val_loss", "finetune/lr_separator", "finetune/lr_transcriptor"} <= tags
+    assert [e.step for e in acc.Scalars("finetune/loss")] == [1, 2, 3, 4]
+
+
 def test_resuming_a_finished_pipeline_retrains_nothing(pipeline_out, features, small_cfg):
     from wss_ray.pipeline import run_pipeline
 

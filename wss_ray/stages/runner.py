@@ -38,7 +38,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
 def fit(recipe: Recipe, ctx: StepContext, models: dict, opts: dict, train_batches: Callable[[int], Iterable[dict]],
         val_batches: Callable[[], Iterable[dict]], on_checkpoint: Callable[[int, dict], None],
         start_step: int = 0, log: Callable[[str], None] | None = None,
-        after_step: Callable[[int], None] | None = None) -> dict:
+        after_step: Callable[[int, dict], None] | None = None) -> dict:
     """Train ``ctx.stage.steps`` updates; validate and checkpoint every ``checkpoint_every``."""
     s = ctx.stage
     step, epoch, metrics = start_step, 0, {}
@@ -60,13 +60,13 @@ def fit(recipe: Recipe, ctx: StepContext, models: dict, opts: dict, train_batche
                 done = max(step - start_step, 1)
                 log(f"[{recipe.name}] step {step}/{s.steps} {terms} ({(time.time() - t0) / done:.2f} s/step, "
                     f"{wait / done:.2f} s waiting for data)")
-            if after_step:
-                after_step(step)
             if step % s.checkpoint_every == 0 or step == s.steps:
                 done = max(step - start_step, 1)
                 metrics.update({"s_per_step": (time.time() - t0) / done, "data_wait_s": wait / done})
                 metrics.update(evaluate_batches(recipe, ctx, models, val_batches()))
                 on_checkpoint(step, metrics)
+            if after_step:
+                after_step(step, metrics)
             if step >= s.steps:
                 break
             t_ready = time.time()
@@ -153,8 +153,18 @@ def _worker(config: dict) -> None:
             ray.train.report(report, checkpoint=None)
 
     fail_at, marker = config.get("fail_once_at"), config.get("fail_marker")
+    writer = None
+    if rank == 0 and config.get("tensorboard"):
+        from tensorboardX import SummaryWriter
 
-    def after_step(step: int) -> None:
+        writer = SummaryWriter(config["tensorboard"], purge_step=start or None)
+
+    def after_step(step: int, metrics: dict) -> None:
+        if writer:
+            for k, v in metrics.items():
+                writer.add_scalar(f"{stage}/{k}", v, step)
+            for name, o in opts.items():
+                writer.add_scalar(f"{stage}/lr_{name}", o.param_groups[0]["lr"], step)
         # test hook: a worker dies once mid-stage, to exercise FailureConfig + resume
         if fail_at and step == fail_at and rank == 0 and marker and not os.path.exists(marker):
             Path(marker).write_text(str(step))
@@ -164,6 +174,8 @@ def _worker(config: dict) -> None:
         train_batches=lambda epoch: _arrow_batches(train_shard, manifest, s.batch_size, cfg.seed + epoch * world + rank),
         val_batches=lambda: _arrow_batches(val_shard, manifest, s.batch_size, None),
         on_checkpoint=on_checkpoint, start_step=start, log=print if rank == 0 else None, after_step=after_step)
+    if writer:
+        writer.close()
 
 
 def check_parent(stage: str, parent: str | None, manifest: dict) -> str | None:
@@ -224,7 +236,9 @@ def train_stage(stage: str, cfg: Config, data: str | Path, out: str | Path | Non
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"stage": stage, "cfg": cfg.to_dict(), "manifest": manifest, "parent": parent_path,
-                           "meta": meta, "fail_once_at": fail_once_at, "fail_marker": fail_marker},
+                           "meta": meta, "fail_once_at": fail_once_at, "fail_marker": fail_marker,
+                           # TensorBoard event files of this stage (loss terms, validation, lr)
+                           "tensorboard": str(out / "tensorboard") if "://" not in str(out) else None},
         scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=storage,

@@ -7,7 +7,7 @@ import torch
 from wss_ray.losses import (aml_separator_loss, aml_transcriptor_loss, leakage_transcription_loss,
                             recomposition, separation_transcription_loss, transcription_loss)
 from wss_ray.stages.base import Recipe, StepContext, apply_update, flat_sources, separate
-from wss_ray.stages.separator import separator_terms
+from wss_ray.stages.separator import separator_objective, separator_terms
 
 
 def _split(out: dict, sizes: list[int]) -> list[dict]:
@@ -85,9 +85,7 @@ class FinetuneRecipe(Recipe):
 
     def losses(self, batch, models, ctx):
         """Validation: the separator's score-only objective (no adversarial terms)."""
-        _, mag = ctx.mixture(batch)
-        _, est = separate(models["separator"], mag)
-        return separator_terms(batch, mag, est, models["transcriptor"](flat_sources(est)), ctx)
+        return separator_objective(batch, models, ctx)
 
     def update(self, batch, models, opts, ctx, step=0):
         clip = ctx.stage.grad_clip

@@ -45,13 +45,19 @@ def fit(recipe: Recipe, ctx: StepContext, models: dict, opts: dict, train_batche
     log_every = max(1, s.steps // 10)
     t0 = time.time()
     wait = 0.0  # time spent waiting for input batches: the ingest share of a step
+    # frozen critics stay in eval mode; decided once, re-applied after each validation
+    trains = {n: any(p.requires_grad for p in m.parameters()) for n, m in models.items()}
+
+    def set_modes() -> None:
+        for n, m in models.items():
+            m.train(trains[n])
+
+    set_modes()
     while step < s.steps:
         seen = 0
         t_ready = time.time()
         for batch in train_batches(epoch):
             wait += time.time() - t_ready
-            for m in models.values():
-                m.train() if any(p.requires_grad for p in m.parameters()) else m.eval()
             metrics = recipe.update(to_device(batch, ctx.device), models, opts, ctx, step)
             step += 1
             seen += 1
@@ -64,6 +70,7 @@ def fit(recipe: Recipe, ctx: StepContext, models: dict, opts: dict, train_batche
                 done = max(step - start_step, 1)
                 metrics.update({"s_per_step": (time.time() - t0) / done, "data_wait_s": wait / done})
                 metrics.update(evaluate_batches(recipe, ctx, models, val_batches()))
+                set_modes()
                 on_checkpoint(step, metrics)
             if after_step:
                 after_step(step, metrics)

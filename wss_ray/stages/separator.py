@@ -23,6 +23,13 @@ def separator_terms(batch, mag, est, t_out, ctx: StepContext) -> dict:
     return terms
 
 
+def separator_objective(batch, models, ctx: StepContext) -> dict:
+    """L_S of the batch with the given separator and (critic) transcriptor."""
+    _, mag = ctx.mixture(batch)
+    _, est = separate(models["separator"], mag)
+    return separator_terms(batch, mag, est, models["transcriptor"](flat_sources(est)), ctx)
+
+
 class SeparatorRecipe(Recipe):
     name = "separator"
     parents = ("transcriptor",)
@@ -35,6 +42,4 @@ class SeparatorRecipe(Recipe):
         return {"separator": ctx.new_separator(), "transcriptor": freeze(ctx.from_parent("transcriptor"))}
 
     def losses(self, batch, models, ctx):
-        _, mag = ctx.mixture(batch)
-        _, est = separate(models["separator"], mag)
-        return separator_terms(batch, mag, est, models["transcriptor"](flat_sources(est)), ctx)
+        return separator_objective(batch, models, ctx)

@@ -46,6 +46,18 @@ def _cmd_train(a) -> int:
     return 0
 
 
+def _cmd_tune(a) -> int:
+    from wss_ray.tune import load_space, run_sweep
+
+    cfg = load_config(a.config, a.overrides)
+    if a.workers:
+        cfg.ray.workers = a.workers
+    space = load_space(a.space, a.stage, cfg)
+    run_sweep(a.stage, cfg, space, a.data, parent=a.parent, storage=a.storage, name=a.name, samples=a.samples,
+              gpus_per_trial=a.gpus_per_trial, concurrent=a.concurrent)
+    return 0
+
+
 def _cmd_evaluate(a) -> int:
     from wss_ray.evaluate import evaluate
 
@@ -105,6 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="Ray Train storage path or URI (s3://, gs://, NFS); default <out>/ray")
     _config_args(p)
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("tune", help="Ray Tune sweep over one stage (ASHA), with a handoff record for the next")
+    p.add_argument("stage", choices=STAGE_NAMES, help="which stage to sweep")
+    p.add_argument("--space", required=True, help="search space YAML (tune_spaces/<stage>.yaml)")
+    p.add_argument("--data", required=True, help="featurized data folder (with manifest.json)")
+    p.add_argument("--parent", help="parent checkpoint, stage folder, handoff record or Tune experiment folder")
+    p.add_argument("--samples", type=int, default=0, help="trials per grid point (default: the space's samples)")
+    p.add_argument("--storage", help="where the experiment goes: a folder or URI (s3://, gs://); default runs/")
+    p.add_argument("--name", help="experiment name (default tune-<stage>); an existing one is resumed")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0,
+                   help="GPUs per trial, split over its workers (fractions share a GPU; default 0 = CPU)")
+    p.add_argument("--concurrent", type=int, default=0,
+                   help="trials at once (default: 1 on a local instance, what the CPUs hold on a cluster)")
+    p.add_argument("--workers", type=int, default=0, help="Ray Train workers per trial (default: ray.workers)")
+    _config_args(p)
+    p.set_defaults(func=_cmd_tune)
 
     p = sub.add_parser("evaluate", help="SI-SDR table (like the paper's Table 1) and transcription metrics")
     p.add_argument("checkpoints", nargs="+", help="stage checkpoint folders holding a separator")

@@ -185,6 +185,8 @@ class RayConfig:
     # Logical CPUs of a local Ray instance; 0 = workers * cpus_per_worker + 2, at least 4.
     num_cpus: int = 0
     use_gpu: bool = False
+    # GPUs per worker with use_gpu; a fraction lets several single-worker Tune trials share a GPU.
+    gpus_per_worker: float = 1.0
     max_failures: int = 2
     storage: str = ""
     address: str = ""
@@ -193,6 +195,12 @@ class RayConfig:
         _positive(self, path, "workers", "cpus_per_worker")
         if self.num_cpus < 0 or self.max_failures < -1:
             raise ConfigError(f"{path}.num_cpus/max_failures: out of range")
+        if self.gpus_per_worker <= 0:
+            raise ConfigError(f"{path}.gpus_per_worker: must be > 0, got {self.gpus_per_worker}")
+        if self.use_gpu and self.gpus_per_worker < 1 and self.workers > 1:
+            # NCCL cannot run two ranks of one process group on the same device
+            raise ConfigError(f"{path}.gpus_per_worker: {self.gpus_per_worker} < 1 shares a GPU between the "
+                              f"{self.workers} DDP workers of one run; use ray.workers=1 to share GPUs between trials")
 
     def local_cpus(self) -> int:
         if self.num_cpus:

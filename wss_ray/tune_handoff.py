@@ -1,8 +1,13 @@
 """Resolve what users pass as --parent: a checkpoint folder, a stage output folder holding
-``checkpoint/``, or a Tune handoff record (``best.json``) naming the best trial's checkpoint."""
+``checkpoint/``, a Tune handoff record (``best.json``) naming the best trial's checkpoint, or a
+Tune experiment folder holding that record. Checkpoints on object storage (s3://, gs://) are
+downloaded once into a local cache."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 
 from wss_ray.checkpoint import META_FILE, CheckpointError
@@ -10,8 +15,30 @@ from wss_ray.checkpoint import META_FILE, CheckpointError
 HANDOFF = "best.json"
 
 
+def _fetch(uri: str) -> Path:
+    from ray.train import Checkpoint
+
+    cache = Path(os.environ.get("WSS_RAY_CACHE", Path(tempfile.gettempdir()) / "wss-ray-cache"))
+    local = cache / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if not (local / META_FILE).is_file():
+        tmp = local.with_name(local.name + f".tmp-{os.getpid()}")
+        Checkpoint(uri).to_directory(str(tmp))
+        os.replace(tmp, local)
+    return local
+
+
 def resolve_parent(parent: str | Path) -> Path:
-    p = Path(parent)
+    s = str(parent)
+    if "://" in s and not s.startswith("file://"):
+        if s.endswith(".json"):
+            import pyarrow.fs
+
+            fs, path = pyarrow.fs.FileSystem.from_uri(s)
+            with fs.open_input_stream(path) as fh:
+                record = json.loads(fh.read())
+            return resolve_parent(record["checkpoint"])
+        return resolve_parent(_fetch(s))
+    p = Path(s[len("file://"):] if s.startswith("file://") else s)
     if p.is_file() and p.suffix == ".json":
         record = json.loads(p.read_text())
         if "checkpoint" not in record:
@@ -23,4 +50,5 @@ def resolve_parent(parent: str | Path) -> Path:
         return p / "checkpoint"
     if (p / HANDOFF).is_file():
         return resolve_parent(p / HANDOFF)
-    raise CheckpointError(f"{p}: not a checkpoint, a stage output folder or a Tune handoff record")
+    raise CheckpointError(f"{p}: not a checkpoint, a stage output folder, a Tune handoff record ({HANDOFF}) "
+                          "or a finished Tune experiment folder")

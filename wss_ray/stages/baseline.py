@@ -12,6 +12,8 @@ class BaselineRecipe(Recipe):
     name = "baseline"
     parents = ("classifier",)
     trainable = ("separator",)
+    # activity labels and the frozen classifier only: L_cls + L_c-mix, unweighted, so sweeps compare
+    val_metric, val_mode = "val_score", "min"
 
     def build(self, ctx: StepContext):
         return {"separator": ctx.new_separator(), "classifier": freeze(ctx.from_parent("classifier"))}
@@ -24,3 +26,8 @@ class BaselineRecipe(Recipe):
                  "c_mix": clip_mixture_loss(mag, est, batch["active"])}
         terms["loss"] = s.lambda_tr * terms["cls"] + s.lambda_c * terms["c_mix"]
         return terms
+
+    def validate(self, batch, models, ctx):
+        out = super().validate(batch, models, ctx)
+        out["val_score"] = out["val_cls"] + out["val_c_mix"]
+        return out

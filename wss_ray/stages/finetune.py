@@ -6,8 +6,8 @@ import torch
 
 from wss_ray.losses import (aml_separator_loss, aml_transcriptor_loss, leakage_transcription_loss,
                             recomposition, separation_transcription_loss, transcription_loss)
-from wss_ray.stages.base import Recipe, StepContext, apply_update, flat_sources, separate
-from wss_ray.stages.separator import separator_objective, separator_terms
+from wss_ray.stages.base import Recipe, StepContext, apply_update, flat_sources, freeze, separate
+from wss_ray.stages.separator import score_only_validation, separator_objective, separator_terms
 
 
 def _split(out: dict, sizes: list[int]) -> list[dict]:
@@ -20,12 +20,20 @@ class FinetuneRecipe(Recipe):
     name = "finetune"
     parents = ("separator",)
     trainable = ("separator", "transcriptor")
+    val_metric, val_mode = "val_score", "min"
 
     def variant(self, stage):
         return "+".join(list(stage.masks) + sorted(stage.adversarial))
 
     def build(self, ctx: StepContext):
-        return {"separator": ctx.from_parent("separator"), "transcriptor": ctx.from_parent("transcriptor")}
+        # "critic": a frozen copy of the stage-1 transcriptor, for validation only; the
+        # fine-tuned transcriptor could collude with the separator it is trained with
+        return {"separator": ctx.from_parent("separator"), "transcriptor": ctx.from_parent("transcriptor"),
+                "critic": freeze(ctx.from_parent(self._critic_name(ctx)))}
+
+    @staticmethod
+    def _critic_name(ctx: StepContext) -> str:
+        return "critic" if "critic" in ctx.parent["models"] else "transcriptor"
 
     def optimizers(self, models, ctx):
         s = ctx.stage
@@ -86,6 +94,12 @@ class FinetuneRecipe(Recipe):
     def losses(self, batch, models, ctx):
         """Validation: the separator's score-only objective (no adversarial terms)."""
         return separator_objective(batch, models, ctx)
+
+    def validate(self, batch, models, ctx):
+        with ctx.autocast():
+            out = super().validate(batch, models, ctx)
+            out.update(score_only_validation(batch, models["separator"], models["critic"], ctx))
+        return out
 
     def update(self, batch, models, opts, ctx, step=0):
         clip = ctx.stage.grad_clip

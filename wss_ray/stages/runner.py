@@ -206,14 +206,14 @@ def check_parent(stage: str, parent: str | None, manifest: dict) -> str | None:
     return str(Path(path).resolve())
 
 
-def train_stage(stage: str, cfg: Config, data: str | Path, out: str | Path | None = None,
-                parent: str | None = None, fail_once_at: int | None = None, fail_marker: str | None = None,
-                log: Callable[[str], None] = print) -> Path:
-    """Train one stage as a Ray Train job; returns the final checkpoint folder."""
+def build_trainer(stage: str, cfg: Config, data: str | Path, parent: str | None, name: str, storage: str,
+                  tensorboard: str | None = None, callbacks: list | None = None, meta_extra: dict | None = None,
+                  fail_once_at: int | None = None, fail_marker: str | None = None,
+                  log: Callable[[str], None] = print):
+    """The TorchTrainer of one stage: checked parent, datasets, scaling, failure policy.
+    ``train_stage`` fits it directly; a Tune trial fits it with a report callback."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from wss_ray.ray_session import ensure_ray
 
     if stage not in RECIPES:
         raise ValueError(f"unknown stage {stage!r}; known: {sorted(RECIPES)}")
@@ -221,10 +221,6 @@ def train_stage(stage: str, cfg: Config, data: str | Path, out: str | Path | Non
     data = Path(data).resolve()
     manifest = load_manifest(data)
     parent_path = check_parent(stage, parent, manifest)
-    name = run_name(stage, cfg)
-    out = Path(out or Path("runs") / name).resolve()
-    final = out / CHECKPOINT_DIR
-    storage = cfg.ray.storage or str(out / "ray")
     open_split = supervised_dataset if recipe.needs_stems else weak_dataset
     scfg = cfg.stages[stage]
     rows = manifest["splits"].get("train", {}).get("chunks", 0)
@@ -236,31 +232,58 @@ def train_stage(stage: str, cfg: Config, data: str | Path, out: str | Path | Non
     meta = {"stage": stage, "variant": recipe.variant(cfg.stages[stage]), "config": cfg.to_dict(),
             "parents": [parent_path] if parent_path else [], "data_fingerprint": manifest["fingerprint"],
             "data": str(data), "instruments": manifest["instruments"], "code_revision": code_revision(),
-            "val_metric": recipe.val_metric, "val_mode": recipe.val_mode}
-    ensure_ray(cfg.ray)
-    log(f"[{stage}] {cfg.ray.workers} worker(s){' on GPU' if cfg.ray.use_gpu else ''}, {cfg.stages[stage].steps} steps, "
+            "val_metric": recipe.val_metric, "val_mode": recipe.val_mode, **(meta_extra or {})}
+    log(f"[{stage}] {cfg.ray.workers} worker(s){' on GPU' if cfg.ray.use_gpu else ''}, {scfg.steps} steps, "
         f"data {data.name} ({manifest['fingerprint']}), parent {parent_path or '-'}")
-    trainer = TorchTrainer(
+    resources = {"CPU": cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu and cfg.ray.gpus_per_worker != 1.0:
+        resources["GPU"] = cfg.ray.gpus_per_worker
+    return TorchTrainer(
         _worker,
         train_loop_config={"stage": stage, "cfg": cfg.to_dict(), "manifest": manifest, "parent": parent_path,
                            "meta": meta, "fail_once_at": fail_once_at, "fail_marker": fail_marker,
                            # TensorBoard event files of this stage (loss terms, validation, lr)
-                           "tensorboard": str(out / "tensorboard") if "://" not in str(out) else None},
+                           "tensorboard": tensorboard},
         scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=cfg.ray.use_gpu,
-                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=storage, callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={"train": open_split(data, "train", repeat, cfg.seed), "val": open_split(data, val_split)},
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"[{stage}] training finished without a checkpoint (see {storage}/{name})")
+
+
+def export_checkpoint(checkpoint, out: Path) -> Path:
+    """Copy a Ray Train checkpoint (local or on storage) to ``<out>/checkpoint``, atomically."""
+    final = out / CHECKPOINT_DIR
     tmp = out / f".{CHECKPOINT_DIR}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    result.checkpoint.to_directory(str(tmp))
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.to_directory(str(tmp))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    return final
+
+
+def train_stage(stage: str, cfg: Config, data: str | Path, out: str | Path | None = None,
+                parent: str | None = None, fail_once_at: int | None = None, fail_marker: str | None = None,
+                log: Callable[[str], None] = print) -> Path:
+    """Train one stage as a Ray Train job; returns the final checkpoint folder."""
+    from wss_ray.ray_session import ensure_ray
+
+    if stage not in RECIPES:
+        raise ValueError(f"unknown stage {stage!r}; known: {sorted(RECIPES)}")
+    name = run_name(stage, cfg)
+    out = Path(out or Path("runs") / name).resolve()
+    storage = cfg.ray.storage or str(out / "ray")
+    check_parent(stage, parent, load_manifest(data))  # fail before Ray starts
+    ensure_ray(cfg.ray)
+    trainer = build_trainer(stage, cfg, data, parent, name, storage, tensorboard=str(out / "tensorboard"),
+                            fail_once_at=fail_once_at, fail_marker=fail_marker, log=log)
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"[{stage}] training finished without a checkpoint (see {storage}/{name})")
+    final = export_checkpoint(result.checkpoint, out)
     log(f"[{stage}] done: {final} ({', '.join(f'{k}={v:.4g}' for k, v in result.metrics.items() if isinstance(v, float))})")
     return final

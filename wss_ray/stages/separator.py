@@ -2,6 +2,8 @@
 losses with clip-level (L_c-mix) and/or harmonic (L_h-mix) masks. Reads no stems."""
 from __future__ import annotations
 
+import torch
+
 from wss_ray.losses import clip_mixture_loss, harmonic_mixture_loss, separation_transcription_loss
 from wss_ray.stages.base import Recipe, StepContext, flat_sources, freeze, separate
 
@@ -30,10 +32,25 @@ def separator_objective(batch, models, ctx: StepContext) -> dict:
     return separator_terms(batch, mag, est, models["transcriptor"](flat_sources(est)), ctx)
 
 
+@torch.no_grad()
+def score_only_validation(batch, separator, critic, ctx: StepContext) -> dict:
+    """Validation that needs no stems and does not depend on the tuned loss weights or mask
+    choice, so trials of a sweep are comparable: val_score = L_tr + L_c-mix + L_h-mix,
+    unweighted, with a critic that no trial trains (the stage-1 transcriptor)."""
+    _, mag = ctx.mixture(batch)
+    _, est = separate(separator, mag)
+    tr = separation_transcription_loss(critic(flat_sources(est)), batch["roll"], ctx.stage.pos_weight)
+    c = clip_mixture_loss(mag, est, batch["active"])
+    h = harmonic_mixture_loss(mag, est, ctx.harmonic(batch["roll"]))
+    return {"val_score_tr": float(tr), "val_score_c": float(c), "val_score_h": float(h),
+            "val_score": float(tr + c + h)}
+
+
 class SeparatorRecipe(Recipe):
     name = "separator"
     parents = ("transcriptor",)
     trainable = ("separator",)
+    val_metric, val_mode = "val_score", "min"
 
     def variant(self, stage):
         return "+".join(stage.masks)
@@ -43,3 +60,9 @@ class SeparatorRecipe(Recipe):
 
     def losses(self, batch, models, ctx):
         return separator_objective(batch, models, ctx)
+
+    def validate(self, batch, models, ctx):
+        with ctx.autocast():
+            out = super().validate(batch, models, ctx)
+            out.update(score_only_validation(batch, models["separator"], models["transcriptor"], ctx))
+        return out

@@ -23,7 +23,10 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.local_cpus(), include_dashboard=False, log_to_driver=True)
+        # the dashboard (on loopback) serves the state API that Ray Train's placement-group cleaner
+        # polls; without it a Tune trial's workers can keep their CPUs after the trial ends
+        ray.init(num_cpus=cfg.local_cpus(), include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=True)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()

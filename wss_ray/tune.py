@@ -289,7 +289,7 @@ def run_sweep(stage: str, cfg: Config, space: SearchSpace, data: str | Path, par
     if not ray.is_initialized() and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")) and not cfg.ray.num_cpus:
         # a local instance sized for the concurrent trials, one more trial's workers (a finished
         # trial's placement group is released asynchronously) and Ray Data's read tasks
-        cfg.ray.num_cpus = max(4, math.ceil((concurrent + 1) * per_trial_cpus) + 2)
+        cfg.ray.num_cpus = max(4, math.ceil(concurrent * per_trial_cpus) + 2)
     ensure_ray(cfg.ray)
     if concurrent == 0:
         # a cluster: as many trials as its CPUs hold, keeping 2 CPUs for Ray Data

@@ -96,7 +96,20 @@ def start(state: Path, workers: int, head_cpus: int, worker_cpus: int, storage: 
         add_worker(info, worker_cpus)
     save(state, info)
     _wait_nodes(info, 1 + workers)
+    _wait_job_server(info)
     return info
+
+
+def _wait_job_server(info: dict, timeout: float = 90) -> None:
+    """The job server answers before its agent is up ("No available agent to submit job")."""
+    deadline = time.time() + timeout
+    env = {**_env(), "RAY_ADDRESS": info["dashboard"]}
+    while time.time() < deadline:
+        p = subprocess.run([_ray(), "job", "list"], capture_output=True, text=True, env=env)
+        if p.returncode == 0 and "No available agent" not in p.stdout + p.stderr:
+            return
+        time.sleep(2)
+    raise RuntimeError(f"the job server at {info['dashboard']} did not come up in {timeout:.0f} s")
 
 
 def _wait_nodes(info: dict, n: int, timeout: float = 60) -> None:

@@ -69,8 +69,12 @@ def test_dashboard_listens_on_loopback_only(cluster):
 def _submit(args: list[str], address: str) -> str:
     env = {**os.environ, "RAY_ADDRESS": address, "RAY": str(Path(sys.executable).with_name("ray")),
            "PYTHON": sys.executable}
-    out = subprocess.run([str(ROOT / "cluster" / "submit.sh"), "--no-wait", *args], capture_output=True,
-                         text=True, env=env, cwd=ROOT, timeout=120)
+    for _ in range(20):  # the job agent can lag behind the job server by a few seconds
+        out = subprocess.run([str(ROOT / "cluster" / "submit.sh"), "--no-wait", *args], capture_output=True,
+                             text=True, env=env, cwd=ROOT, timeout=120)
+        if "No available agent" not in out.stdout + out.stderr:
+            break
+        time.sleep(3)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     for word in (out.stdout + out.stderr).split():
         if word.strip("'\"").startswith("raysubmit_"):

@@ -110,3 +110,25 @@ def test_interrupted_sweep_resumes(tmp_path, features, transcriptor_ckpt):
     assert "resuming" in done.stdout + done.stderr
     record = json.loads((exp / "best.json").read_text())
     assert len(record["trials"]) == 2 and all(t["status"] == "ok" for t in record["trials"])
+
+
+def test_pipeline_sweeps_a_stage_and_evaluates_every_trial(tmp_path, features, small_cfg):
+    """pipeline.sweeps: the separator is swept over its mask combinations; its best trial is the
+    stage's checkpoint and every trial is a row of the results table (the paper's ablation)."""
+    import copy
+
+    from wss_ray.checkpoint import read_meta
+    from wss_ray.pipeline import run_pipeline
+
+    (tmp_path / "space.yaml").write_text(SPACE)
+    cfg = copy.deepcopy(small_cfg)
+    cfg.pipeline.stages = ["transcriptor", "separator"]
+    cfg.pipeline.sweeps = {"separator": str(tmp_path / "space.yaml")}
+    cfg.pipeline.examples = 0
+    run_pipeline(cfg, tmp_path / "out", data=features)
+    rows = json.loads((tmp_path / "out" / "results" / "results.json").read_text())
+    trial_rows = {r["system"] for r in rows if r["system"].startswith("separator")}
+    assert {s.split("@")[0] for s in trial_rows} == {"separator[c]", "separator[c+h]"} and len(trial_rows) == 2
+    best = json.loads((tmp_path / "out" / "tune" / "tune-separator" / "best.json").read_text())
+    meta = read_meta(tmp_path / "out" / "checkpoints" / "tune-separator" / "checkpoint")
+    assert meta["tune"]["trial"] == best["trial"]

@@ -218,11 +218,18 @@ class PipelineConfig:
     finetune_variants: list[list[str]] = field(default_factory=lambda: [[]])
     eval_split: str = "test"
     examples: int = 2
+    # Stages swept with Ray Tune instead of trained once: stage -> search space YAML. A swept
+    # separator/finetune replaces its variants list (put masks/adversarial in the space); the
+    # best trial feeds the next stage and every trial becomes a row of the results table.
+    sweeps: dict[str, str] = field(default_factory=dict)
 
     def validate(self, path: str = "pipeline") -> None:
         bad = [s for s in self.stages if s not in STAGE_NAMES]
         if bad:
             raise ConfigError(f"{path}.stages: unknown {bad}; known: {list(STAGE_NAMES)}")
+        bad = [s for s in self.sweeps if s not in STAGE_NAMES]
+        if bad:
+            raise ConfigError(f"{path}.sweeps: unknown stage(s) {bad}; known: {list(STAGE_NAMES)}")
         for v in self.separator_variants:
             if not v or any(m not in ("c", "h") for m in v):
                 raise ConfigError(f"{path}.separator_variants: each must be a non-empty subset of ['c','h'], got {v}")

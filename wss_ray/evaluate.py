@@ -51,12 +51,27 @@ def multipitch_prf(pred: np.ndarray, ref: np.ndarray, fps: float, pitch_min: int
     return float(p), float(r), float(2 * p * r / (p + r) if p + r > 0 else 0.0)
 
 
+def expand_checkpoints(paths: list[str]) -> list[str]:
+    """A Tune experiment folder (or its best.json) stands for every trial that left a
+    checkpoint, so a sweep over masks or adversarial losses gives one row per trial."""
+    out = []
+    for p in paths:
+        record = Path(p) / "best.json" if Path(p).is_dir() else Path(p)
+        if record.suffix == ".json" and record.is_file():
+            trials = json.loads(record.read_text()).get("trials", [])
+            out += [t["checkpoint"] for t in trials if t.get("status") == "ok" and t.get("checkpoint")]
+        else:
+            out.append(p)
+    return out
+
+
 def evaluate(checkpoints: list[str], data: str | Path, out: str | Path, split: str = "test",
              cfg: Config | None = None, examples: int = 0, batch_size: int = 16, log=print) -> list[dict]:
     import soundfile as sf
 
     manifest = load_manifest(data)
     insts = manifest["instruments"]
+    checkpoints = expand_checkpoints(checkpoints)
     seps = [Separator.from_checkpoint(c) for c in checkpoints]
     for c, s in zip(checkpoints, seps):
         if s.instruments != insts:

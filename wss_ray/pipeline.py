@@ -45,19 +45,42 @@ def run_pipeline(cfg: Config, out: str | Path, data: str | Path | None = None, l
     wanted = set(cfg.pipeline.stages)
     trained: dict[str, Path] = {}
 
+    sweeps: dict[str, str] = {}   # stage -> Tune experiment folder (every trial is evaluated)
+
     def stage(name: str, scfg: Config, parent: Path | None = None) -> Path:
-        folder = out / "checkpoints" / run_name(name, scfg)
+        swept = name in cfg.pipeline.sweeps
+        folder = out / "checkpoints" / (f"tune-{name}" if swept else run_name(name, scfg))
         final = folder / CHECKPOINT_DIR
         if (final / META_FILE).is_file():
             log(f"[pipeline] {folder.name}: reusing finished checkpoint {final}")
+            if swept:
+                sweeps[name] = str(out / "tune" / f"tune-{name}")
             return final
+        if swept:
+            return sweep(name, scfg, folder, parent)
         log(f"[pipeline] {folder.name}: training")
         return train_stage(name, scfg, features, out=folder, parent=str(parent) if parent else None, log=log)
+
+    def sweep(name: str, scfg: Config, folder: Path, parent: Path | None) -> Path:
+        from ray.train import Checkpoint
+
+        from wss_ray.stages.runner import export_checkpoint
+        from wss_ray.tune import load_space, run_sweep
+
+        space = load_space(cfg.pipeline.sweeps[name], name, scfg)
+        log(f"[pipeline] {folder.name}: sweeping {space.source} ({space.n_trials} trials)")
+        record = run_sweep(name, scfg, space, features, parent=str(parent) if parent else None,
+                           storage=str(out / "tune"), name=f"tune-{name}", log=log)
+        sweeps[name] = record["experiment"]
+        # the best trial becomes this stage's checkpoint: the next stage and a rerun use it
+        return export_checkpoint(Checkpoint(record["checkpoint"]), folder)
 
     if "transcriptor" in wanted:
         trained["transcriptor"] = stage("transcriptor", cfg)
     separators = {}
-    if "separator" in wanted:
+    if "separator" in wanted and "separator" in cfg.pipeline.sweeps:
+        separators["swept"] = trained["separator"] = stage("separator", cfg, trained["transcriptor"])
+    elif "separator" in wanted:
         for masks in cfg.pipeline.separator_variants:
             v = _variant(cfg, "separator", masks=masks)
             separators[tuple(masks)] = trained[f"separator[{'+'.join(masks)}]"] = stage(
@@ -66,7 +89,9 @@ def run_pipeline(cfg: Config, out: str | Path, data: str | Path | None = None, l
         if not separators:
             raise ValueError("pipeline.stages: finetune needs the separator stage")
         parent = separators.get(tuple(cfg.stages["finetune"].masks), list(separators.values())[-1])
-        for adv in cfg.pipeline.finetune_variants:
+        if "finetune" in cfg.pipeline.sweeps:
+            trained["finetune"] = stage("finetune", cfg, list(separators.values())[-1])
+        for adv in ([] if "finetune" in cfg.pipeline.sweeps else cfg.pipeline.finetune_variants):
             v = _variant(cfg, "finetune", adversarial=adv)
             trained[f"finetune[{'+'.join(adv) or 'none'}]"] = stage("finetune", v, parent)
     if "classifier" in wanted:
@@ -76,7 +101,8 @@ def run_pipeline(cfg: Config, out: str | Path, data: str | Path | None = None, l
     if "supervised" in wanted:
         trained["supervised"] = stage("supervised", cfg)
 
-    evaluated = [str(p) for k, p in trained.items() if k not in ("transcriptor", "classifier")]
+    # a swept stage contributes its Tune experiment: one row per trial (the paper's ablations)
+    evaluated = [sweeps.get(k, str(p)) for k, p in trained.items() if k not in ("transcriptor", "classifier")]
     rows = []
     if evaluated:
         rows = evaluate(evaluated, features, out / "results", split=cfg.pipeline.eval_split, cfg=cfg,

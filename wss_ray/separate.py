@@ -37,7 +37,9 @@ class Separator:
     @property
     def system(self) -> str:
         v = self.meta.get("variant")
-        return f"{self.meta['stage']}[{v}]" if v else self.meta["stage"]
+        name = f"{self.meta['stage']}[{v}]" if v else self.meta["stage"]
+        trial = (self.meta.get("tune") or {}).get("trial")
+        return f"{name}@{trial}" if trial else name
 
     @torch.no_grad()
     def separate_batch(self, mix: torch.Tensor) -> torch.Tensor:

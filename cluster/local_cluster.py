@@ -70,11 +70,19 @@ def save(state: Path, info: dict) -> None:
     os.replace(tmp, state)
 
 
+def _agent_ports() -> list[str]:
+    """Every node gets its own agent ports: two nodes (or another Ray instance on the machine,
+    a pytest session's) on the default 52365 leave the job agent dead ("No available agent")."""
+    return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
+
+
 def add_worker(info: dict, cpus: float) -> dict:
     node = {"cpus": cpus, "resources": {"worker_node": 1}}
     _run([_ray(), "start", f"--address={info['gcs']}", f"--num-cpus={int(cpus)}",
           "--resources", json.dumps(node["resources"]), "--node-ip-address=127.0.0.1",
-          f"--min-worker-port={info['next_port']}", f"--max-worker-port={info['next_port'] + 199}"])
+          f"--min-worker-port={info['next_port']}", f"--max-worker-port={info['next_port'] + 199}",
+          *_agent_ports()])
     info["next_port"] += 200
     info.setdefault("workers", []).append(node)
     return info
@@ -89,7 +97,7 @@ def start(state: Path, workers: int, head_cpus: int, worker_cpus: int, storage: 
     _run([_ray(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
           f"--num-cpus={head_cpus}", "--include-dashboard=true", f"--temp-dir={temp}",
-          "--min-worker-port=20000", "--max-worker-port=20199"])
+          "--min-worker-port=20000", "--max-worker-port=20199", *_agent_ports()])
     info = {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "temp_dir": str(temp),
             "head_cpus": head_cpus, "next_port": 20200, "workers": []}
     for _ in range(workers):
@@ -131,11 +139,15 @@ def alive_nodes(info: dict) -> int:
 def _processes(info: dict) -> list[tuple[int, str]]:
     """(pid, args) of this cluster's processes: those naming its GCS address or session folder,
     so a stop never touches another Ray instance on the machine."""
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout  # -ww: no COLUMNS cut
     found = []
+    port = info["gcs"].rsplit(":", 1)[1]
     for line in out.splitlines()[1:]:
         pid, _, args = line.strip().partition(" ")
-        if info["gcs"] in args or info["temp_dir"] in args:
+        # Ray names the GCS by the machine's IP whatever --node-ip-address says: match the port
+        gcs = any(t.startswith(("--gcs-address=", "--gcs_address=", "--address=")) and t.endswith(f":{port}")
+                  for t in args.split())
+        if gcs or info["temp_dir"] in args:
             found.append((int(pid), args))
     return found
 

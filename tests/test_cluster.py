@@ -86,9 +86,10 @@ def _job_status(job: str, address: str) -> str:
     env = {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"}
     out = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "status", job], capture_output=True,
                          text=True, env=env, timeout=60)
-    for s in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
-        if s in out.stdout + out.stderr:
-            return s
+    text = (out.stdout + out.stderr).lower()   # "Job 'raysubmit_..' succeeded", "... is currently running"
+    for s in ("succeeded", "failed", "stopped", "running", "pending"):
+        if s in text:
+            return s.upper()
     return "UNKNOWN"
 
 

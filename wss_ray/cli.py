@@ -58,6 +58,19 @@ def _cmd_tune(a) -> int:
     return 0
 
 
+def _cmd_plot(a) -> int:
+    import json
+    from pathlib import Path
+
+    from wss_ray.plots import plot_examples, plot_results
+
+    plot_examples(a.checkpoint, a.data, a.out, split=a.split, n=a.examples)
+    if a.results:
+        path = plot_results(json.loads(Path(a.results).read_text()), Path(a.out) / "results.png")
+        print(f"[plot] {path}")
+    return 0
+
+
 def _cmd_evaluate(a) -> int:
     from wss_ray.evaluate import evaluate
 
@@ -142,6 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=int, default=0, help="also write this many example separations (WAV)")
     _config_args(p)
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("plot", help="PNGs: mixture spectrogram with each mask, score overlay, results bar chart")
+    p.add_argument("checkpoint", help="a checkpoint holding a separator")
+    p.add_argument("--data", required=True, help="featurized data folder (the chunks to draw)")
+    p.add_argument("--out", required=True, help="folder for the PNG files")
+    p.add_argument("--split", default="test", help="split to draw chunks from (default test)")
+    p.add_argument("--examples", type=int, default=2, help="chunks to draw (default 2)")
+    p.add_argument("--results", help="a results.json from evaluate: also draw its bar chart")
+    p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("pipeline", help="data -> all stages -> evaluation, resumable")
     p.add_argument("--out", required=True, help="output folder (corpus, features, checkpoints, results)")

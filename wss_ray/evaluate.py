@@ -146,8 +146,11 @@ def evaluate(checkpoints: list[str], data: str | Path, out: str | Path, split: s
         w.writerows(rows)
     os.replace(out / ".results.csv.tmp", out / "results.csv")
     _write_atomic(out / "results.md", table)
+    from wss_ray.plots import plot_results
+
+    plot_results(rows, out / "results.png", f"SI-SDR (dB) on {split}, mean over audible chunks")
     log(table)
-    log(f"[evaluate] results in {out}/results.{{md,csv,json}}" + (f"; examples in {out}/examples" if examples else ""))
+    log(f"[evaluate] results in {out}/results.{{md,csv,json,png}}" + (f"; examples in {out}/examples" if examples else ""))
     return rows
 
 

@@ -107,6 +107,13 @@ def run_pipeline(cfg: Config, out: str | Path, data: str | Path | None = None, l
     if evaluated:
         rows = evaluate(evaluated, features, out / "results", split=cfg.pipeline.eval_split, cfg=cfg,
                         examples=cfg.pipeline.examples, log=log)
+        if cfg.pipeline.examples:
+            from wss_ray.plots import plot_examples
+
+            seps = [p for k, p in trained.items() if k not in ("transcriptor", "classifier")]
+            weak = [p for k, p in trained.items() if k.startswith(("finetune", "separator"))]
+            plot_examples(str((weak or seps)[-1]), features, out / "results" / "plots",
+                          split=cfg.pipeline.eval_split, n=cfg.pipeline.examples, log=log)
     log(f"[pipeline] finished in {time.time() - t0:.0f} s; checkpoints in {out / 'checkpoints'}, "
-        f"results in {out / 'results'} (results.md, results.csv, results.json, examples/)")
+        f"results in {out / 'results'} (results.md/.csv/.json, results.png, examples/ WAVs, plots/ PNGs)")
     return rows

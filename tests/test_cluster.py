@@ -4,7 +4,6 @@ as a Ray job finishes, and survives losing its worker node mid-stage by resuming
 checkpoint; the dashboard listens on loopback only."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -26,9 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
-from wss_ray.config import Config, ConfigError, _deep_merge, _set_dotted, config_from_dict
+from wss_ray.config import Config, ConfigError, _deep_merge, _set_dotted, config_from_dict, read_yaml_mapping
 from wss_ray.tune_handoff import HANDOFF
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -168,14 +166,7 @@ def _dimension(path: str, spec: Any, where: str) -> Dimension:
 def load_space(path: str | Path, stage: str, cfg: Config) -> SearchSpace:
     """Read and validate a search space against the stage and the base config."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"search space not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: top level must be a mapping")
+    raw = read_yaml_mapping(p, "search space")
     unknown = sorted(set(raw) - SPACE_KEYS)
     if unknown:
         raise ConfigError(f"{p}: unknown key(s) {unknown}; known: {sorted(SPACE_KEYS)}")

@@ -90,10 +90,11 @@ def run_pipeline(cfg: Config, out: str | Path, data: str | Path | None = None, l
             raise ValueError("pipeline.stages: finetune needs the separator stage")
         parent = separators.get(tuple(cfg.stages["finetune"].masks), list(separators.values())[-1])
         if "finetune" in cfg.pipeline.sweeps:
-            trained["finetune"] = stage("finetune", cfg, list(separators.values())[-1])
-        for adv in ([] if "finetune" in cfg.pipeline.sweeps else cfg.pipeline.finetune_variants):
-            v = _variant(cfg, "finetune", adversarial=adv)
-            trained[f"finetune[{'+'.join(adv) or 'none'}]"] = stage("finetune", v, parent)
+            trained["finetune"] = stage("finetune", cfg, parent)
+        else:
+            for adv in cfg.pipeline.finetune_variants:
+                v = _variant(cfg, "finetune", adversarial=adv)
+                trained[f"finetune[{'+'.join(adv) or 'none'}]"] = stage("finetune", v, parent)
     if "classifier" in wanted:
         trained["classifier"] = stage("classifier", cfg)
     if "baseline" in wanted:

@@ -275,9 +275,10 @@ def run_sweep(stage: str, cfg: Config, space: SearchSpace, data: str | Path, par
         storage = str(_local_path(storage).resolve())
     experiment = f"{storage.rstrip('/')}/{name}"
     per_trial_cpus = cfg.ray.workers * cfg.ray.cpus_per_worker
-    if not concurrent:
-        concurrent = 1 if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")) else 0
-    if not ray.is_initialized() and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")) and not cfg.ray.num_cpus:
+    on_cluster = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    if not concurrent and not on_cluster:
+        concurrent = 1
+    if not ray.is_initialized() and not on_cluster and not cfg.ray.num_cpus:
         # a local instance sized for the concurrent trials, one more trial's workers (a finished
         # trial's placement group is released asynchronously) and Ray Data's read tasks
         cfg.ray.num_cpus = max(4, math.ceil(concurrent * per_trial_cpus) + 2)
@@ -345,7 +346,7 @@ def handoff_record(grid, stage: str, metric: str, mode: str, experiment: str, st
     for r in grid:
         m = r.metrics or {}
         trials.append({"trial": m.get("trial_id") or (Path(r.path).name if r.path else None),
-                       "params": {k: v for k, v in (r.config or {}).items()},
+                       "params": dict(r.config or {}),
                        "status": "error" if r.error else "ok", "step": m.get("step"),
                        metric: m.get(metric), "checkpoint": m.get("checkpoint_path"),
                        "error": str(r.error).splitlines()[0] if r.error else None})

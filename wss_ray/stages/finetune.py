@@ -7,7 +7,7 @@ import torch
 from wss_ray.losses import (aml_separator_loss, aml_transcriptor_loss, leakage_transcription_loss,
                             recomposition, separation_transcription_loss, transcription_loss)
 from wss_ray.stages.base import Recipe, StepContext, apply_update, flat_sources, freeze, separate
-from wss_ray.stages.separator import score_only_validation, separator_objective, separator_terms
+from wss_ray.stages.separator import ScoreValidated, separator_objective, separator_terms
 
 
 def _split(out: dict, sizes: list[int]) -> list[dict]:
@@ -16,11 +16,11 @@ def _split(out: dict, sizes: list[int]) -> list[dict]:
     return [{k: parts[k][i] for k in out} for i in range(len(sizes))]
 
 
-class FinetuneRecipe(Recipe):
+class FinetuneRecipe(ScoreValidated, Recipe):
     name = "finetune"
     parents = ("separator",)
     trainable = ("separator", "transcriptor")
-    val_metric, val_mode = "val_score", "min"
+    critic = "critic"
 
     def variant(self, stage):
         return "+".join(list(stage.masks) + sorted(stage.adversarial))
@@ -94,12 +94,6 @@ class FinetuneRecipe(Recipe):
     def losses(self, batch, models, ctx):
         """Validation: the separator's score-only objective (no adversarial terms)."""
         return separator_objective(batch, models, ctx)
-
-    def validate(self, batch, models, ctx):
-        with ctx.autocast():
-            out = super().validate(batch, models, ctx)
-            out.update(score_only_validation(batch, models["separator"], models["critic"], ctx))
-        return out
 
     def update(self, batch, models, opts, ctx, step=0):
         clip = ctx.stage.grad_clip

@@ -32,25 +32,35 @@ def separator_objective(batch, models, ctx: StepContext) -> dict:
     return separator_terms(batch, mag, est, models["transcriptor"](flat_sources(est)), ctx)
 
 
-@torch.no_grad()
-def score_only_validation(batch, separator, critic, ctx: StepContext) -> dict:
-    """Validation that needs no stems and does not depend on the tuned loss weights or mask
-    choice, so trials of a sweep are comparable: val_score = L_tr + L_c-mix + L_h-mix,
-    unweighted, with a critic that no trial trains (the stage-1 transcriptor)."""
-    _, mag = ctx.mixture(batch)
-    _, est = separate(separator, mag)
-    tr = separation_transcription_loss(critic(flat_sources(est)), batch["roll"], ctx.stage.pos_weight)
-    c = clip_mixture_loss(mag, est, batch["active"])
-    h = harmonic_mixture_loss(mag, est, ctx.harmonic(batch["roll"]))
-    return {"val_score_tr": float(tr), "val_score_c": float(c), "val_score_h": float(h),
-            "val_score": float(tr + c + h)}
+class ScoreValidated:
+    """Validation of the weak separators, with no stems and independent of the tuned loss
+    weights or mask choice, so trials of a sweep are comparable: val_score = L_tr + L_c-mix +
+    L_h-mix, unweighted, judged by ``critic``, a transcriptor no trial trains. The stage's own
+    objective (val_loss and its terms) comes from the same separator pass."""
+    critic = "transcriptor"
+    val_metric, val_mode = "val_score", "min"
+
+    @torch.no_grad()
+    def validate(self, batch, models, ctx: StepContext) -> dict:
+        with ctx.autocast():
+            _, mag = ctx.mixture(batch)
+            _, est = separate(models["separator"], mag)
+            flat = flat_sources(est)
+            judged = models[self.critic](flat)
+            own = judged if self.critic == "transcriptor" else models["transcriptor"](flat)
+            out = {f"val_{k}": float(v) for k, v in separator_terms(batch, mag, est, own, ctx).items()}
+            tr = separation_transcription_loss(judged, batch["roll"], ctx.stage.pos_weight)
+            c = clip_mixture_loss(mag, est, batch["active"])
+            h = harmonic_mixture_loss(mag, est, ctx.harmonic(batch["roll"]))
+        out.update({"val_score_tr": float(tr), "val_score_c": float(c), "val_score_h": float(h),
+                    "val_score": float(tr + c + h)})
+        return out
 
 
-class SeparatorRecipe(Recipe):
+class SeparatorRecipe(ScoreValidated, Recipe):
     name = "separator"
     parents = ("transcriptor",)
     trainable = ("separator",)
-    val_metric, val_mode = "val_score", "min"
 
     def variant(self, stage):
         return "+".join(stage.masks)
@@ -61,8 +71,3 @@ class SeparatorRecipe(Recipe):
     def losses(self, batch, models, ctx):
         return separator_objective(batch, models, ctx)
 
-    def validate(self, batch, models, ctx):
-        with ctx.autocast():
-            out = super().validate(batch, models, ctx)
-            out.update(score_only_validation(batch, models["separator"], models["transcriptor"], ctx))
-        return out

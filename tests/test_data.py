@@ -339,6 +339,49 @@ def _rows(out: Path) -> list[tuple]:
     return sorted(rows)
 
 
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a run and every process it started, as a power cut would.
+
+    Ray puts its worker processes in their own process groups, so killing the driver's group
+    leaves a worker free to finish its task and write one more shard after the "crash".
+    Stopping the tree first keeps the parent links intact while it is collected.
+    """
+    stopped: set[int] = set()
+    for _ in range(3):
+        for p in ({pid} | _descendants(pid)) - stopped:
+            try:
+                os.kill(p, signal.SIGSTOP)
+                stopped.add(p)
+            except ProcessLookupError:
+                pass
+    for p in stopped:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def test_resume_after_killed_featurization(corpus, tmp_path, ray_local):
     clean = tmp_path / "clean"
     cfg_args = ["--set", "data.chunk_seconds=1.024"]
@@ -350,7 +393,7 @@ def test_resume_after_killed_featurization(corpus, tmp_path, ray_local):
     deadline = time.time() + 120
     while time.time() < deadline and not list(killed.glob("*/features/*.parquet")):
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    _kill_tree(proc.pid)
     proc.wait()
     done_before = len(list(killed.glob("*/features/*.parquet")))
     assert 0 < done_before < 6, "the kill should land mid-run"

@@ -28,8 +28,10 @@ test: setup
 	$(BIN)/python -m pytest -x -q tests
 
 BENCH_OUT ?= bench_out
+DEMO_CKPT ?= $(DEMO_OUT)/checkpoints/finetune-c-h-aml/checkpoint
 bench: setup
 	$(BIN)/python benchmarks/bench_data.py
+	$(BIN)/python benchmarks/bench_separate.py $(if $(wildcard $(DEMO_CKPT)),--checkpoint $(DEMO_CKPT))
 	$(BIN)/wss-ray data synth --out $(BENCH_OUT)/corpus --tracks 24 --seconds 16 --seed 7
 	$(BIN)/wss-ray data featurize --slakh $(BENCH_OUT)/corpus --out $(BENCH_OUT)/features --config configs/demo.yaml
 	$(BIN)/python benchmarks/bench_stages.py --data $(BENCH_OUT)/features --config configs/demo.yaml

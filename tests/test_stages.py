@@ -147,6 +147,8 @@ def test_bad_config_values_name_the_field(tmp_path):
         load_config(None, ["data.sample_rat=8000"])
     with pytest.raises(ConfigError, match="data.chunk_seconds"):
         load_config(None, ["data.chunk_seconds=1.0"])
+    with pytest.raises(ConfigError, match="ray.placement_strategy: 'spread' is not one of"):
+        load_config(None, ["ray.placement_strategy=spread"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("ray:\n  workers: two\n")
     with pytest.raises(ConfigError, match="ray.workers: expected an integer"):
@@ -165,9 +167,11 @@ def test_separate_any_file_with_a_trained_checkpoint(tmp_path, pipeline_out):
     t = np.arange(int(3.3 * sr)) / sr
     stereo = np.stack([0.3 * np.sin(2 * np.pi * 220 * t), 0.2 * np.sin(2 * np.pi * 110 * t)], axis=1)
     sf.write(tmp_path / "song.flac", stereo.astype(np.float32), sr)
-    lines = []
+    import io
+
+    lines, bar = [], io.StringIO()
     written = separate_files([str(tmp_path / "song.flac")], str(ck), str(tmp_path / "out"), midi=True,
-                             chunk_seconds=1.0, log=lines.append)
+                             chunk_seconds=1.0, log=lines.append, progress_stream=bar)
     names = sorted(p.name for p in written)
     assert names == ["bass.wav", "guitar.wav", "piano.wav", "residual.wav", "transcription.mid"]
     total = np.zeros(len(t))
@@ -178,12 +182,105 @@ def test_separate_any_file_with_a_trained_checkpoint(tmp_path, pipeline_out):
     stored, _ = sf.read(tmp_path / "song.flac")  # the 16-bit FLAC, not the float array it came from
     np.testing.assert_allclose(total, stored.mean(axis=1), atol=1e-5)  # documented downmix: channel mean
     pretty_midi.PrettyMIDI(str(tmp_path / "out" / "song" / "transcription.mid"))
-    assert any("chunk" in line for line in lines)  # progress on files longer than a chunk
+    # progress on files longer than a chunk (a line per tenth when not a terminal), speed at the end
+    assert "chunks" in bar.getvalue() and bar.getvalue().count("\n") <= 11
+    assert any("x realtime" in line for line in lines)
     with pytest.raises(FileNotFoundError, match="nope.wav"):
         separate_files([str(tmp_path / "nope.wav")], str(ck), str(tmp_path / "out"))
     with pytest.raises(CheckpointError, match="'transcriptor' checkpoint"):
         separate_files([str(tmp_path / "song.flac")], str(pipeline_out / "checkpoints" / "transcriptor" / "checkpoint"),
                        str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("fmt,sr,channels", [("MP3", 44100, 2), ("OGG", 48000, 2), ("WAV", 8000, 1)])
+def test_separate_common_formats_keep_length_and_rate(tmp_path, pipeline_out, fmt, sr, channels):
+    import numpy as np
+    import soundfile as sf
+
+    from wss_ray.separate import separate_files
+
+    ck = pipeline_out / "checkpoints" / "separator-c-h" / "checkpoint"
+    t = np.arange(int(2.5 * sr)) / sr
+    x = 0.3 * np.sin(2 * np.pi * 196 * t) * (1 + np.sin(2 * np.pi * 2 * t)) / 2
+    song = tmp_path / f"song.{fmt.lower()}"
+    sf.write(song, np.stack([x] * channels, axis=1).astype(np.float32), sr, format=fmt)
+    decoded, rate = sf.read(song, dtype="float32", always_2d=True)  # what the codec gives back
+    separate_files([str(song)], str(ck), str(tmp_path / "out"), chunk_seconds=1.0, log=lambda *_: None)
+    total = np.zeros(len(decoded))
+    for name in ("piano", "guitar", "bass", "residual"):
+        y, r = sf.read(tmp_path / "out" / "song" / f"{name}.wav")
+        assert r == rate == sr and len(y) == len(decoded)
+        total += y
+    np.testing.assert_allclose(total, decoded.mean(axis=1), atol=1e-5)
+
+
+def test_streaming_file_path_matches_the_python_api(tmp_path, pipeline_out):
+    """The file path reads forward in blocks of about one chunk and gives what the in-memory API
+    gives for the same chunking, and a mid-file failure leaves no output file behind."""
+    import numpy as np
+    import soundfile as sf
+
+    from wss_ray import Separator
+    from wss_ray.separate import AudioReader, separate_files
+
+    ck = pipeline_out / "checkpoints" / "finetune-c-h-aml-atl" / "checkpoint"
+    sr = 22050
+    rng = np.random.default_rng(1)
+    x = (0.1 * rng.standard_normal(int(7.3 * sr))).astype(np.float32)
+    sf.write(tmp_path / "long.wav", x, sr, subtype="FLOAT")
+    biggest = []
+    original = AudioReader.read
+
+    def spy(self, start, length):
+        out = original(self, start, length)
+        biggest.append(len(self._buf))
+        return out
+
+    AudioReader.read = spy
+    try:
+        separate_files([str(tmp_path / "long.wav")], str(ck), str(tmp_path / "out"), chunk_seconds=1.0,
+                       log=lambda *_: None)
+    finally:
+        AudioReader.read = original
+    assert max(biggest) <= sr * 1.0 + 2  # one chunk, never the file
+    api = Separator.from_checkpoint(ck).separate(x, sr, chunk_seconds=1.0)
+    for name, est in api.items():
+        y, _ = sf.read(tmp_path / "out" / "long" / f"{name}.wav", dtype="float32")
+        np.testing.assert_allclose(y, est.numpy(), atol=1e-6)
+
+    def broken(self, start, length):
+        if start > sr * 3:
+            raise ValueError("disk gone")
+        return original(self, start, length)
+
+    AudioReader.read = broken
+    try:
+        with pytest.raises(ValueError, match="disk gone"):
+            separate_files([str(tmp_path / "long.wav")], str(ck), str(tmp_path / "half"), chunk_seconds=1.0)
+    finally:
+        AudioReader.read = original
+    assert not list((tmp_path / "half").rglob("*.wav")) and not list((tmp_path / "half").rglob(".*tmp"))
+
+
+def test_separate_refuses_bad_audio_clearly(tmp_path, pipeline_out):
+    import numpy as np
+    import soundfile as sf
+
+    from wss_ray.cli import main
+    from wss_ray.separate import separate_files
+
+    ck = str(pipeline_out / "checkpoints" / "separator-c-h" / "checkpoint")
+    (tmp_path / "corrupt.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEjunkjunkjunk")
+    with pytest.raises(ValueError, match="corrupt.wav: unreadable audio"):
+        separate_files([str(tmp_path / "corrupt.wav")], ck, str(tmp_path / "out"))
+    sf.write(tmp_path / "empty.wav", np.zeros(0, dtype=np.float32), 16000)
+    with pytest.raises(ValueError, match="empty.wav: the file holds no audio"):
+        separate_files([str(tmp_path / "empty.wav")], ck, str(tmp_path / "out"))
+    sf.write(tmp_path / "ok.wav", np.zeros(1600, dtype=np.float32), 16000)
+    with pytest.raises(ValueError, match="chunk_seconds must be positive"):
+        separate_files([str(tmp_path / "ok.wav")], ck, str(tmp_path / "out"), chunk_seconds=0)
+    assert main(["separate", str(tmp_path / "corrupt.wav"), "--checkpoint", ck, "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o" / "corrupt").exists() or not list((tmp_path / "o" / "corrupt").iterdir())
 
 
 def test_overlap_add_has_no_seams():

@@ -177,6 +177,9 @@ def _default_stages() -> dict[str, StageConfig]:
     return {name: StageConfig() for name in STAGE_NAMES}
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 @dataclass
 class RayConfig:
     workers: int = 2
@@ -190,6 +193,9 @@ class RayConfig:
     max_failures: int = 2
     storage: str = ""
     address: str = ""
+    # How a run's workers are placed on nodes: PACK (fewest nodes, the default), SPREAD
+    # (one per node where possible), STRICT_PACK / STRICT_SPREAD (or fail to schedule).
+    placement_strategy: str = "PACK"
 
     def validate(self, path: str = "ray") -> None:
         _positive(self, path, "workers", "cpus_per_worker")
@@ -197,6 +203,9 @@ class RayConfig:
             raise ConfigError(f"{path}.num_cpus/max_failures: out of range")
         if self.gpus_per_worker <= 0:
             raise ConfigError(f"{path}.gpus_per_worker: must be > 0, got {self.gpus_per_worker}")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ConfigError(f"{path}.placement_strategy: {self.placement_strategy!r} is not one of "
+                              f"{list(PLACEMENT_STRATEGIES)}")
         if self.use_gpu and self.gpus_per_worker < 1 and self.workers > 1:
             # NCCL cannot run two ranks of one process group on the same device
             raise ConfigError(f"{path}.gpus_per_worker: {self.gpus_per_worker} < 1 shares a GPU between the "

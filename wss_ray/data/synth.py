@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import multiprocessing
 import os
 import shutil
 import time
@@ -385,7 +386,10 @@ def synthesize_corpus(out: str | Path, tracks: int, seconds: float, seed: int,
     t0 = time.time()
     done = 0
     results = []
-    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
+    # spawn, not fork: a caller holding threads (a Ray driver, a loaded FluidSynth) can leave a
+    # forked child waiting forever on a lock that was held at fork time
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_worker,
                              initargs=(str(sf2), sample_rate)) as pool:
         futures = [pool.submit(make_track, str(out), split, i + 1, seed, seconds, audio_format, sf2.name)
                    for i, split in enumerate(plan)]

@@ -144,3 +144,18 @@ def test_si_sdr_known_values_and_mir_eval():
     sdr, _, _, _ = mir_eval.separation.bss_eval_sources(ref[None], est[None])
     # with white noise the bss_eval distortion filter gains almost nothing over a scalar gain
     assert abs(sdr[0] - ours) < 0.5
+
+
+def test_learning_rate_schedules():
+    import math
+
+    from wss_ray.stages.runner import set_learning_rates
+
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([w], lr=0.01)
+    opt.param_groups[0]["initial_lr"] = 0.01
+    set_learning_rates({"o": opt}, "constant", 50, 100)
+    assert opt.param_groups[0]["lr"] == 0.01
+    for step, want in ((0, 0.01), (50, 0.005), (100, 0.0)):
+        set_learning_rates({"o": opt}, "cosine", step, 100)
+        assert math.isclose(opt.param_groups[0]["lr"], want, abs_tol=1e-12)

@@ -88,6 +88,22 @@ def test_worker_failure_is_retried_and_resumes(tmp_path, features, small_cfg):
     assert meta["step"] == 6 and meta["resumed_from"] == [3]
 
 
+def test_preserve_order_makes_a_single_worker_run_reproducible(tmp_path, features, small_cfg):
+    """Seeds fix initial weights and shuffles; ray.preserve_order also fixes the order in which
+    Ray Data delivers blocks, so two runs end with identical weights."""
+    import copy
+
+    import torch
+
+    cfg = copy.deepcopy(small_cfg)
+    cfg.ray.workers, cfg.ray.preserve_order = 1, True
+    cfg.stages["transcriptor"].steps = 6
+    runs = [train_stage("transcriptor", cfg, features, out=tmp_path / f"run{i}", log=lambda *_: None)
+            for i in range(2)]
+    a, b = (torch.load(r / "model.pt", weights_only=True)["models"]["transcriptor"]["state"] for r in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_weak_stage_never_opens_stems(tmp_path, features, small_cfg, pipeline_out):
     nostems = tmp_path / "features"
     shutil.copytree(features, nostems)

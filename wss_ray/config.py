@@ -137,6 +137,9 @@ class StageConfig:
     steps: int = 200
     batch_size: int = 8
     lr: float = 1e-3
+    # "constant" (the paper's setting) or "cosine" (decay to zero by the last step: steadier
+    # final weights on short runs)
+    lr_schedule: str = "constant"
     weight_decay: float = 0.0
     grad_clip: float = 5.0
     checkpoint_every: int = 50
@@ -162,6 +165,8 @@ class StageConfig:
                      "lambda_t", "lambda_adv", "beta", "margin"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{path}.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"{path}.lr_schedule: 'constant' or 'cosine', got {self.lr_schedule!r}")
         bad = [m for m in self.masks if m not in ("c", "h")]
         if bad or len(set(self.masks)) != len(self.masks):
             raise ConfigError(f"{path}.masks: subset of ['c', 'h'] expected, got {self.masks}")
@@ -196,6 +201,10 @@ class RayConfig:
     # How a run's workers are placed on nodes: PACK (fewest nodes, the default), SPREAD
     # (one per node where possible), STRICT_PACK / STRICT_SPREAD (or fail to schedule).
     placement_strategy: str = "PACK"
+    # Keep Ray Data's block order fixed, so that a single-worker run is reproducible bit for bit
+    # (seeds alone are not enough: blocks otherwise arrive in completion order). Costs some
+    # ingest throughput; with several workers the split between them still follows timing.
+    preserve_order: bool = False
 
     def validate(self, path: str = "ray") -> None:
         _positive(self, path, "workers", "cpus_per_worker")

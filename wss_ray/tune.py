@@ -32,7 +32,7 @@ from wss_ray.tune_handoff import HANDOFF
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 SPACE_KEYS = {"stage", "samples", "scheduler", "params"}
 SCHEDULER_KEYS = {"grace_period", "reduction_factor"}
-_COMMON = {"lr", "weight_decay", "grad_clip", "pos_weight", "batch_size"}
+_COMMON = {"lr", "lr_schedule", "weight_decay", "grad_clip", "pos_weight", "batch_size"}
 # stage fields that act on each stage (tuning anything else would only waste trials)
 TUNABLE = {
     "transcriptor": _COMMON,

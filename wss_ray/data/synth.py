@@ -15,6 +15,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -386,9 +387,12 @@ def synthesize_corpus(out: str | Path, tracks: int, seconds: float, seed: int,
     t0 = time.time()
     done = 0
     results = []
-    # spawn, not fork: a caller holding threads (a Ray driver, a loaded FluidSynth) can leave a
-    # forked child waiting forever on a lock that was held at fork time
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+    # fork only from a single-threaded caller: a forked child of a process holding threads (a Ray
+    # driver, say) can wait forever on a lock held at fork time. spawn needs the caller's main
+    # module to be importable (the `if __name__ == "__main__":` idiom).
+    method = "fork" if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods() \
+        else "spawn"
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method),
                              initializer=_init_worker,
                              initargs=(str(sf2), sample_rate)) as pool:
         futures = [pool.submit(make_track, str(out), split, i + 1, seed, seconds, audio_format, sf2.name)

@@ -7,6 +7,7 @@ driver, checks the parent checkpoint and writes the final stage checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -35,6 +36,15 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def set_learning_rates(opts: dict, schedule: str, step: int, steps: int) -> None:
+    """"constant", or "cosine": from each group's initial rate down to zero at the last step.
+    A function of the step alone, so a resumed run continues the same curve."""
+    factor = 1.0 if schedule == "constant" else 0.5 * (1.0 + math.cos(math.pi * step / max(steps, 1)))
+    for o in opts.values():
+        for g in o.param_groups:
+            g["lr"] = g["initial_lr"] * factor
+
+
 def fit(recipe: Recipe, ctx: StepContext, models: dict, opts: dict, train_batches: Callable[[int], Iterable[dict]],
         val_batches: Callable[[], Iterable[dict]], on_checkpoint: Callable[[int, dict], None],
         start_step: int = 0, log: Callable[[str], None] | None = None,
@@ -53,11 +63,15 @@ def fit(recipe: Recipe, ctx: StepContext, models: dict, opts: dict, train_batche
             m.train(trains[n])
 
     set_modes()
+    for o in opts.values():
+        for g in o.param_groups:
+            g.setdefault("initial_lr", g["lr"])  # kept in the optimizer state: resumes decay from it
     while step < s.steps:
         seen = 0
         t_ready = time.time()
         for batch in train_batches(epoch):
             wait += time.time() - t_ready
+            set_learning_rates(opts, s.lr_schedule, step, s.steps)
             metrics = recipe.update(to_device(batch, ctx.device), models, opts, ctx, step)
             step += 1
             seen += 1
@@ -236,6 +250,15 @@ def build_trainer(stage: str, cfg: Config, data: str | Path, parent: str | None,
     log(f"[{stage}] {cfg.ray.workers} worker(s){' on GPU' if cfg.ray.use_gpu else ''}, {scfg.steps} steps, "
         f"data {data.name} ({manifest['fingerprint']}), parent {parent_path or '-'}")
     resources = {"CPU": cfg.ray.cpus_per_worker}
+    dataset_config = None
+    if cfg.ray.preserve_order:
+        from ray.train import DataConfig as IngestConfig
+
+        options = IngestConfig.default_ingest_options()
+        options.preserve_order = True
+        dataset_config = IngestConfig(execution_options=options)
+    with _driver_preserve_order(cfg.ray.preserve_order):  # a small split is materialized right here
+        datasets = {"train": open_split(data, "train", repeat, cfg.seed), "val": open_split(data, val_split)}
     if cfg.ray.use_gpu and cfg.ray.gpus_per_worker != 1.0:
         resources["GPU"] = cfg.ray.gpus_per_worker
     return TorchTrainer(
@@ -250,8 +273,22 @@ def build_trainer(stage: str, cfg: Config, data: str | Path, parent: str | None,
         run_config=RunConfig(name=name, storage_path=storage, callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": open_split(data, "train", repeat, cfg.seed), "val": open_split(data, val_split)},
+        datasets=datasets,
+        dataset_config=dataset_config,
     )
+
+
+@contextlib.contextmanager
+def _driver_preserve_order(on: bool):
+    from ray.data import DataContext
+
+    options = DataContext.get_current().execution_options
+    before = options.preserve_order
+    options.preserve_order = before or on
+    try:
+        yield
+    finally:
+        options.preserve_order = before
 
 
 def export_checkpoint(checkpoint, out: Path) -> Path:

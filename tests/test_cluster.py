@@ -125,7 +125,9 @@ def test_stage_job_recovers_from_losing_its_worker_node(cluster, features, tmp_p
                    "--set", "stages.transcriptor.checkpoint_every=4", "--set", "ray.max_failures=3"],
                   cluster["dashboard"])
     runs = out / "ray" / "transcriptor"
-    status = _wait(job, cluster["dashboard"], 300, until=lambda: any(runs.glob("checkpoint_*")))
+    # a checkpoint folder appears before Ray Train has registered it; once a second one exists the
+    # first is on record, so the restarted group has something to resume from
+    status = _wait(job, cluster["dashboard"], 300, until=lambda: len(list(runs.glob("checkpoint_*"))) >= 2)
     assert status == "CONDITION", _job_logs(job, cluster["dashboard"])[-3000:]
     local_cluster.kill_worker(cluster)
     assert _job_status(job, cluster["dashboard"]) == "RUNNING", "the job ended before the node was killed"

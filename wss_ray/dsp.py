@@ -2,6 +2,7 @@
 log-frequency filterbank of the transcriptor, resampling, pitch <-> frequency."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -59,10 +60,17 @@ def log_magnitude(mag: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return torch.log(mag + eps)
 
 
+@functools.lru_cache(maxsize=8)
+def _resampler(orig_sr: int, new_sr: int, dtype: torch.dtype) -> torchaudio.transforms.Resample:
+    return torchaudio.transforms.Resample(orig_sr, new_sr, dtype=dtype)
+
+
 def resample(wave: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
+    """Band-limited sinc resampling over the last axis; the kernel is built once per rate pair
+    (chunked separation resamples every chunk)."""
     if orig_sr == new_sr:
         return wave
-    return torchaudio.functional.resample(wave, orig_sr, new_sr)
+    return _resampler(orig_sr, new_sr, wave.dtype).to(wave.device)(wave)
 
 
 def log_frequency_filterbank(sample_rate: int, n_fft: int, pitch_min: int = 21,

@@ -11,31 +11,16 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from wss_ray.checkpoint import CheckpointError, build_model, load_checkpoint
-from wss_ray.dsp import STFT
+from wss_ray.dsp import STFT, resample
 
 SEPARATOR_STAGES = ("separator", "finetune", "baseline", "supervised")
 GM_PROGRAMS = {"piano": 0, "guitar": 30, "bass": 33}  # program of each instrument in the written MIDI
-
-
-@lru_cache(maxsize=8)
-def _resampler(orig_sr: int, new_sr: int):
-    import torchaudio
-
-    return torchaudio.transforms.Resample(orig_sr, new_sr)
-
-
-def _resample(x: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
-    if orig_sr == new_sr:
-        return x
-    r = _resampler(orig_sr, new_sr)
-    return r.to(x.device)(x)
 
 
 def _fit(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -298,12 +283,12 @@ class Separator:
         fps = self.fps
 
         def fn(x_in: np.ndarray, start: int) -> torch.Tensor:
-            x = _resample(torch.as_tensor(np.ascontiguousarray(x_in, dtype=np.float32))[None], sr,
+            x = resample(torch.as_tensor(np.ascontiguousarray(x_in, dtype=np.float32))[None], sr,
                           self.sample_rate)
             est = self.separate_batch(x)[0].float().cpu()
             if transcribe:
                 self._place_roll(x, start, chunk, hop, n, sr, fps, threshold)
-            return _fit(_resample(est, self.sample_rate, sr), len(x_in))
+            return _fit(resample(est, self.sample_rate, sr), len(x_in))
 
         for start, est in overlap_add_stream(fn, reader.read, n, chunk, progress):
             if est.shape[1]:

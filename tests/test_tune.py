@@ -84,6 +84,39 @@ def test_sweep_picks_best_and_hands_off(tmp_path, features, small_cfg, transcrip
     assert read_meta(ft)["parents"] == [str(Path(record["checkpoint"]).resolve())]
 
 
+PROBE = """
+import ray
+from wss_ray.ray_session import ensure_ray
+
+ensure_ray()
+
+@ray.remote
+class Alive:
+    def ping(self):
+        return 1
+
+@ray.remote
+def state_of(actor_id):
+    from ray.util.state import get_actor
+    return get_actor(actor_id, timeout=30).state
+
+a = Alive.remote()
+ray.get(a.ping.remote())
+print("STATE", ray.get(state_of.remote(a._actor_id.hex())))
+"""
+
+
+def test_workers_find_their_own_cluster_beside_another(ray_local):
+    """Ray Train's placement-group cleaner asks the state API, from a worker, whether a trial's
+    controller is gone. With a second Ray instance on the machine (here: the test session's) a
+    worker that has to guess the address fails, and a stopped trial's CPUs are never freed (a
+    resumed sweep hung on that). Workers of a local instance are told its address."""
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    res = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=ROOT)
+    assert "STATE ALIVE" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]
+
+
 def test_interrupted_sweep_resumes(tmp_path, features, transcriptor_ckpt):
     """A sweep killed mid-run (SIGKILL of its process group) is restored by rerunning the same
     command: trials already finished are not rerun."""

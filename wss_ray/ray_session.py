@@ -8,8 +8,47 @@ advertises more of them than the workers reserve.
 from __future__ import annotations
 
 import os
+import socket
 
 from wss_ray.config import RayConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _start_local(cfg: RayConfig, attempts: int = 3) -> None:
+    """Start a local instance whose workers know its address.
+
+    When a Tune trial ends or is stopped early, Ray Train's placement-group cleaner (a detached
+    actor) asks the state API whether the trial's controller is gone and then frees the workers'
+    CPUs. It finds the cluster from RAY_ADDRESS, else by scanning the machine; with a second Ray
+    instance on the machine that scan fails, the cleaner's thread dies, the CPUs stay reserved and
+    the next trial waits for them forever. So the GCS port is chosen here and handed to every
+    worker of this job. The dashboard (on loopback) serves that state API.
+    """
+    import ray
+
+    for attempt in range(attempts):
+        port = _free_port()
+        saved = os.environ.get("RAY_GCS_SERVER_PORT")
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        try:
+            ray.init(num_cpus=cfg.local_cpus(), include_dashboard=True, dashboard_host="127.0.0.1",
+                     log_to_driver=True, runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}})
+            return
+        except Exception:
+            # the port was taken between the probe and the GCS binding it
+            if attempt == attempts - 1:
+                raise
+            ray.shutdown()
+        finally:
+            if saved is None:
+                os.environ.pop("RAY_GCS_SERVER_PORT", None)
+            else:
+                os.environ["RAY_GCS_SERVER_PORT"] = saved
 
 
 def ensure_ray(cfg: RayConfig | None = None) -> None:
@@ -23,10 +62,7 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # the dashboard (on loopback) serves the state API that Ray Train's placement-group cleaner
-        # polls; without it a Tune trial's workers can keep their CPUs after the trial ends
-        ray.init(num_cpus=cfg.local_cpus(), include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=True)
+        _start_local(cfg)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()

@@ -210,6 +210,30 @@ class ProgressBar:
             print(text, file=self.stream, flush=True)
 
 
+class RollCollector:
+    """The boolean instrument-pitch roll (K, P, frames) of a whole input, assembled from
+    overlapping chunks: each frame is taken from the chunk whose middle it lies in, so the
+    transcriptor's BLSTM sees context on both sides of it."""
+
+    def __init__(self, threshold: float = 0.5):
+        self.threshold = threshold
+        self.roll: np.ndarray | None = None
+
+    def place(self, probs: np.ndarray, start: int, chunk: int, n: int, sr: int, fps: float) -> None:
+        """``probs`` (K, P, N): the chunk starting at sample ``start`` (of ``n``), hop chunk // 2."""
+        hop = chunk // 2
+        if self.roll is None:
+            self.roll = np.zeros(probs.shape[:2] + (math.ceil(n / sr * fps) + 1,), dtype=bool)
+        first, last = start == 0, start + chunk >= n
+        lo = 0 if first else start + hop // 2                      # the part of the signal this chunk owns
+        hi = n if (last or n <= chunk) else start + hop // 2 + hop
+        f0 = round(start / sr * fps)
+        a, b = round(lo / sr * fps), min(round(hi / sr * fps), self.roll.shape[-1])
+        ja, jb = a - f0, min(b - f0, probs.shape[-1])
+        if jb > ja:
+            self.roll[:, :, a:a + jb - ja] = probs[:, :, ja:jb] >= self.threshold
+
+
 class Separator:
     """A trained separator (and its transcriptor, when the checkpoint holds one)."""
 
@@ -262,50 +286,33 @@ class Separator:
                                   "or finetune stage to separate and transcribe)")
 
     @torch.no_grad()
-    def stream(self, reader, chunk_seconds: float = 10.0, transcribe: bool = False, threshold: float = 0.5,
+    def stream(self, reader, chunk_seconds: float = 10.0, roll: RollCollector | None = None,
                progress=None) -> Iterator[tuple[int, torch.Tensor, np.ndarray]]:
         """Separate a reader (``.read(start, n)``, ``.frames``, ``.sample_rate``) chunk by chunk.
 
-        Yields (start, estimates (K, n) at the reader's rate, mixture (n,)) in order. With
-        ``transcribe``, ``self.last_roll`` ends as the boolean roll (K, P, frames): each frame is
-        taken from the chunk whose middle it lies in, so the BLSTM sees context on both sides.
+        Yields (start, estimates (K, n) at the reader's rate, mixture (n,)) in order. Given a
+        ``roll``, the transcriptor's roll of the whole input is assembled in it as well.
         """
-        if transcribe:
+        if roll is not None:
             self._need_transcriptor()
         sr, n = reader.sample_rate, reader.frames
         if chunk_seconds <= 0:
             raise ValueError(f"chunk_seconds must be positive, got {chunk_seconds}")
         chunk = max(int(chunk_seconds * sr), 2 * self.hop)
         chunk -= chunk % 2
-        hop = chunk // 2
-        if transcribe:
-            self.last_roll = None
         fps = self.fps
 
         def fn(x_in: np.ndarray, start: int) -> torch.Tensor:
             x = resample(torch.as_tensor(np.ascontiguousarray(x_in, dtype=np.float32))[None], sr,
                           self.sample_rate)
             est = self.separate_batch(x)[0].float().cpu()
-            if transcribe:
-                self._place_roll(x, start, chunk, hop, n, sr, fps, threshold)
+            if roll is not None:
+                roll.place(self.transcribe_batch(x)[0].cpu().numpy(), start, chunk, n, sr, fps)
             return _fit(resample(est, self.sample_rate, sr), len(x_in))
 
         for start, est in overlap_add_stream(fn, reader.read, n, chunk, progress):
             if est.shape[1]:
                 yield start, est, reader.read(start, est.shape[1])
-
-    def _place_roll(self, x, start, chunk, hop, n, sr, fps, threshold) -> None:
-        roll = self.transcribe_batch(x)[0].cpu().numpy() >= threshold     # (K, P, N)
-        if self.last_roll is None:
-            self.last_roll = np.zeros(roll.shape[:2] + (math.ceil(n / sr * fps) + 1,), dtype=bool)
-        first, last = start == 0, start + chunk >= n
-        lo = 0 if first else start + hop // 2                      # the part of the signal this chunk owns
-        hi = n if (last or n <= chunk) else start + hop // 2 + hop
-        f0 = round(start / sr * fps)
-        a, b = round(lo / sr * fps), min(round(hi / sr * fps), self.last_roll.shape[-1])
-        ja, jb = a - f0, min(b - f0, roll.shape[-1])
-        if jb > ja:
-            self.last_roll[:, :, a:a + jb - ja] = roll[:, :, ja:jb]
 
     def separate(self, waveform: torch.Tensor | np.ndarray, sample_rate: int, chunk_seconds: float = 10.0,
                  progress=None) -> dict[str, torch.Tensor]:
@@ -324,9 +331,10 @@ class Separator:
                    threshold: float = 0.5, min_seconds: float = 0.05):
         """Mono waveform -> pretty_midi.PrettyMIDI with one instrument track per separated instrument."""
         wave = np.asarray(waveform, dtype=np.float32)
-        for _ in self.stream(ArrayReader(wave, sample_rate), chunk_seconds, transcribe=True, threshold=threshold):
+        roll = RollCollector(threshold)
+        for _ in self.stream(ArrayReader(wave, sample_rate), chunk_seconds, roll=roll):
             pass
-        return self.roll_to_midi(self.last_roll, min_seconds)
+        return self.roll_to_midi(roll.roll, min_seconds)
 
     def roll_to_midi(self, roll: np.ndarray, min_seconds: float = 0.05):
         import pretty_midi
@@ -365,8 +373,9 @@ def separate_files(paths: list[str], checkpoint: str, out: str, midi: bool = Fal
         seconds = reader.frames / sr
         bar = ProgressBar(Path(path).name, seconds, progress_stream) if seconds > chunk_seconds else None
         t0 = time.perf_counter()
+        roll = RollCollector() if midi else None
         try:
-            for _, est, mix in sep.stream(reader, chunk_seconds, transcribe=midi, progress=bar):
+            for _, est, mix in sep.stream(reader, chunk_seconds, roll=roll, progress=bar):
                 est_np = est.numpy()
                 for k, name in enumerate(sep.instruments):
                     sinks[name].write(est_np[k])
@@ -387,7 +396,7 @@ def separate_files(paths: list[str], checkpoint: str, out: str, midi: bool = Fal
         if midi:
             target = folder / "transcription.mid"
             tmp = folder / ".transcription.mid.tmp"
-            sep.roll_to_midi(sep.last_roll).write(str(tmp))
+            sep.roll_to_midi(roll.roll).write(str(tmp))
             tmp.replace(target)
             written.append(target)
         took = time.perf_counter() - t0

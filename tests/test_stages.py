@@ -330,3 +330,18 @@ def test_pictures_of_masks_score_and_results(tmp_path, pipeline_out, features):
     assert img.shape[0] > 300 and img.std() > 0.01  # four panels, not a blank canvas
     assert main(["plot", str(pipeline_out / "checkpoints" / "transcriptor" / "checkpoint"), "--data", str(features),
                  "--out", str(tmp_path / "bad")]) == 2  # a transcriptor holds no separator: clear error
+
+
+def test_gap_closed_is_left_out_when_the_gap_is_too_narrow():
+    from wss_ray.evaluate import results_markdown
+
+    def rows(supervised_db):
+        return [{"system": s, "instrument": i, "si_sdr_mean": v, "si_sdr_median": v, "n_chunks": 4}
+                for s, v in [("mixture", 1.0), ("separator[c+h]", 2.0), ("supervised", supervised_db)]
+                for i in ("bass", "piano")]
+
+    wide = results_markdown(rows(5.0), [], ["bass", "piano"], "test", 4)
+    assert "| separator[c+h] | 2.00 (2.00) | 2.00 (2.00) | 2.00 | 25% |" in wide
+    narrow = results_markdown(rows(1.2), [], ["bass", "piano"], "test", 4)
+    assert "| separator[c+h] | 2.00 (2.00) | 2.00 (2.00) | 2.00 | – |" in narrow
+    assert "0.20 dB above the mixture" in narrow and "%" not in narrow

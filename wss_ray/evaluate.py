@@ -167,7 +167,8 @@ def results_markdown(rows: list[dict], trans: list[dict], insts: list[str], spli
         return float(np.nanmean([by[(sysname, i)][key] for i in insts]))
 
     has_gap = "mixture" in systems and "supervised" in systems
-    gap_db = avg("supervised", "si_sdr_mean") - avg("mixture", "si_sdr_mean") if has_gap else float("nan")
+    lo = avg("mixture", "si_sdr_mean") if has_gap else float("nan")
+    gap_db = avg("supervised", "si_sdr_mean") - lo if has_gap else float("nan")
     lines = [f"SI-SDR (dB) on {split}: {n_chunks} chunks; mean over chunks where the reference is audible "
              f"(median in parentheses)", ""]
     head = "| system | " + " | ".join(order) + " | avg |" + (" gap closed |" if has_gap else "")
@@ -177,7 +178,7 @@ def results_markdown(rows: list[dict], trans: list[dict], insts: list[str], spli
         line = f"| {s} | " + " | ".join(cells) + f" | {avg(s, 'si_sdr_mean'):.2f} |"
         if has_gap:
             if gap_db >= MIN_GAP_DB:
-                line += f" {(avg(s, 'si_sdr_mean') - avg('mixture', 'si_sdr_mean')) / gap_db * 100:.0f}% |"
+                line += f" {(avg(s, 'si_sdr_mean') - lo) / gap_db * 100:.0f}% |"
             else:
                 line += " – |"
         lines.append(line)

@@ -31,6 +31,20 @@ def _cmd_featurize(a) -> int:
     return 1 if manifest["_run"]["bad_tracks"] and a.strict else 0
 
 
+def _cmd_stats(a) -> int:
+    from pathlib import Path
+
+    from wss_ray.data.featurize import MANIFEST
+    from wss_ray.data.stats import corpus_stats, feature_stats
+
+    if (Path(a.dir) / MANIFEST).is_file():
+        feature_stats(a.dir)
+        return 0
+    cfg = load_config(a.config, a.overrides)
+    tracks = corpus_stats(a.dir, cfg.data)
+    return 1 if a.strict and any("error" in v for v in tracks.values()) else 0
+
+
 def _cmd_train(a) -> int:
     from wss_ray.stages.runner import train_stage
 
@@ -118,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit with status 1 when any track failed")
     _config_args(p)
     p.set_defaults(func=_cmd_featurize)
+
+    p = data.add_parser("stats", help="what a corpus holds: per track, which stems map to which target "
+                                      "(and why others are ignored); for a featurized folder, chunks "
+                                      "with 0..K audible targets per split")
+    p.add_argument("dir", help="a Slakh2100-layout corpus, or a featurized folder (with manifest.json)")
+    p.add_argument("--strict", action="store_true", help="exit with status 1 when any track is unusable")
+    _config_args(p)
+    p.set_defaults(func=_cmd_stats)
 
     p = sub.add_parser("train", help="train one stage as a Ray Train job")
     p.add_argument("stage", choices=STAGE_NAMES, help="which stage of the method to train")

@@ -92,6 +92,7 @@ def featurize_track(split: str, track_dir: str, out: str, cfg_dict: dict) -> dic
     t0 = time.time()
     try:
         src = read_sources(split, track, cfg)
+        mapping = json.dumps(src.mapping())
         audio = load_track(src, cfg)
         wave = torch.from_numpy(np.concatenate([audio.mix[None], audio.stems]))
         wave = resample(wave, audio.sample_rate, cfg.sample_rate).numpy()
@@ -115,12 +116,23 @@ def featurize_track(split: str, track_dir: str, out: str, cfg_dict: dict) -> dic
         # stems first: the features shard is the "track finished" marker
         _write_atomic(stem_tab, spath)
         _write_atomic(feats, fpath)
-        return {"split": split, "track": track.name, "chunks": n, "error": "",
+        return {"split": split, "track": track.name, "chunks": n, "error": "", "mapping": mapping,
                 "audio_s": len(mix) / cfg.sample_rate, "seconds": time.time() - t0}
     except Exception as e:  # reported by name in the log and the report file, never dropped
         msg = str(e) if str(track) in str(e) else f"{track}: {type(e).__name__}: {e}"
-        return {"split": split, "track": track.name, "chunks": 0, "error": msg, "audio_s": 0.0,
-                "seconds": time.time() - t0}
+        return {"split": split, "track": track.name, "chunks": 0, "error": msg, "mapping": "{}",
+                "audio_s": 0.0, "seconds": time.time() - t0}
+
+
+def describe_mapping(mapping: dict, instruments: list[str]) -> str:
+    """One line: which stems feed each target, how many were ignored (reasons in the report)."""
+    got = mapping.get("mapped", {})
+    parts = [f"{i} <- {'+'.join(got[i]) if got.get(i) else '(absent)'}" for i in instruments]
+    ignored = mapping.get("ignored", {})
+    if ignored:
+        parts.append(f"{len(ignored)} stem(s) ignored")
+    parts += mapping.get("notes", [])
+    return "; ".join(parts)
 
 
 def _file_sha(path: Path) -> str:
@@ -173,11 +185,15 @@ def featurize(slakh: str | Path, out: str | Path, cfg: DataConfig, ray_cfg: RayC
     log(f"[featurize] {len(tracks)} tracks in {slakh}; {len(tracks) - len(todo)} already done, "
         f"{len(todo)} to do with {cfg.workers} parallel task(s)")
     errors: list[dict] = []
+    mappings: dict[str, dict] = {}
     report_path = out / REPORT
     if report_path.is_file():  # keep earlier failures that are still unresolved
-        errors = [e for e in json.loads(report_path.read_text()).get("bad_tracks", [])
+        old = json.loads(report_path.read_text())
+        errors = [e for e in old.get("bad_tracks", [])
                   if not shard_paths(out, e["split"], e["track"])[0].is_file()
                   and (e["split"], e["track"]) not in {(s, t.name) for s, t in todo}]
+        mappings = {k: v for k, v in old.get("tracks", {}).items()
+                    if shard_paths(out, *k.split("/", 1))[0].is_file()}
     t0 = time.time()
     audio_s = 0.0
     if todo:
@@ -193,11 +209,13 @@ def featurize(slakh: str | Path, out: str | Path, cfg: DataConfig, ray_cfg: RayC
                 log(f"[featurize] {i}/{len(todo)} FAILED {row['error']}")
             else:
                 audio_s += row["audio_s"]
+                mapping = json.loads(row["mapping"])
+                mappings[f"{row['split']}/{row['track']}"] = mapping
                 log(f"[featurize] {i}/{len(todo)} {row['split']}/{row['track']}: {row['chunks']} chunks "
-                    f"({row['seconds']:.1f} s)")
+                    f"({row['seconds']:.1f} s); {describe_mapping(mapping, cfg.instruments)}")
     wall = time.time() - t0
     tmp = report_path.with_name(REPORT + ".tmp")
-    tmp.write_text(json.dumps({"bad_tracks": errors}, indent=2))
+    tmp.write_text(json.dumps({"bad_tracks": errors, "tracks": dict(sorted(mappings.items()))}, indent=2))
     os.replace(tmp, report_path)
     manifest = write_manifest(out, cfg, source=str(slakh))
     log(f"[featurize] {sum(v['chunks'] for v in manifest['splits'].values())} chunks in "

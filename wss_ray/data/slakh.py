@@ -14,7 +14,7 @@ import yaml
 from wss_ray.config import INSTRUMENT_CLASSES, DataConfig
 from wss_ray.data.score import ScoreError, load_notes
 
-SPLITS = ("train", "validation", "test", "omitted")
+SPLITS = ("train", "validation", "test")
 AUDIO_EXTS = (".flac", ".wav")
 # Classes Slakh2100's metadata uses (its instrument taxonomy); anything else is a typo or
 # a different dataset and is refused rather than silently dropped.
@@ -23,6 +23,9 @@ SLAKH_CLASSES = {
     "Ensemble", "Brass", "Reed", "Pipe", "Synth Lead", "Synth Pad", "Synth Effects", "Sound Effects",
     "Sound effects", "Ethnic", "Percussive", "Drums",
 }
+# A corpus without split folders (BabySlakh) is split by sorted track name: the last
+# fractions go to validation and test, so the assignment is stable as tracks are added.
+FLAT_SPLITS = (0.7, 0.15, 0.15)
 
 
 class SlakhError(ValueError):
@@ -37,6 +40,13 @@ class TrackSources:
     mix_path: Path | None
     stems: dict[str, list[Path]] = field(default_factory=dict)   # target -> audio files
     midis: dict[str, list[Path]] = field(default_factory=dict)   # target -> MIDI files
+    ignored: dict[str, str] = field(default_factory=dict)        # stem id -> why it is not used
+    notes: list[str] = field(default_factory=list)               # what else the reader noticed
+
+    def mapping(self) -> dict:
+        """What the reader did with the track's stems, for reports: JSON-ready."""
+        return {"mapped": {t: [p.stem for p in ps] for t, ps in self.stems.items()},
+                "ignored": dict(self.ignored), "notes": list(self.notes)}
 
 
 @dataclass
@@ -48,20 +58,38 @@ class TrackAudio:
 
 
 def list_tracks(root: str | Path) -> list[tuple[str, Path]]:
-    """(split, track dir) for every Track* folder under root/<split>/ or root itself."""
+    """(split, track dir) for every Track* folder of a corpus.
+
+    Recognised: ``root/<split>/TrackNNNNN`` for any split folder (Slakh2100's train,
+    validation, test, and others such as ``omitted``); ``root/TrackNNNNN`` (BabySlakh), split
+    by sorted name with :data:`FLAT_SPLITS`; a split folder given directly (``slakh/test``).
+    """
     root = Path(root)
     if not root.is_dir():
         raise SlakhError(f"{root}: not a directory")
     found = []
-    for split in SPLITS:
-        if (root / split).is_dir():
-            found += [(split, p) for p in sorted((root / split).iterdir()) if _is_track(p)]
-    if not found:  # a single split folder given directly
-        found = [(root.name if root.name in SPLITS else "train", p)
-                 for p in sorted(root.iterdir()) if _is_track(p)]
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if not _is_track(sub):
+            found += [(sub.name, p) for p in sorted(sub.iterdir()) if _is_track(p)]
+    flat = [p for p in sorted(root.iterdir()) if _is_track(p)]
+    if root.name in SPLITS or (flat and found):
+        found += [(root.name if root.name in SPLITS else "train", p) for p in flat]
+    elif flat:
+        found += flat_splits(flat)
     if not found:
-        raise SlakhError(f"{root}: no Track folders found (expected {root}/<split>/TrackNNNNN/metadata.yaml)")
+        raise SlakhError(f"{root}: no Track folders found (expected {root}/<split>/TrackNNNNN/metadata.yaml "
+                         f"or {root}/TrackNNNNN/metadata.yaml)")
     return found
+
+
+def flat_splits(tracks: list[Path]) -> list[tuple[str, Path]]:
+    n = len(tracks)
+    n_test = int(round(FLAT_SPLITS[2] * n))
+    n_val = int(round(FLAT_SPLITS[1] * n))
+    n_train = max(n - n_test - n_val, 1 if n else 0)
+    names = ["train"] * n_train + ["validation"] * min(n_val, n - n_train)
+    names += ["test"] * (n - len(names))
+    return list(zip(names, tracks))
 
 
 def _is_track(p: Path) -> bool:
@@ -75,6 +103,22 @@ def _find_audio(folder: Path, stem: str) -> Path | None:
     return None
 
 
+def resolve_dir(track: Path, value, default: str) -> Path | None:
+    """Where a track's ``audio_dir`` / ``midi_dir`` is. Slakh2100 (flac_redux) writes it relative
+    to the split folder (``Track00001/stems``), BabySlakh and our corpus relative to the track
+    (``stems``). Tried in that order: the track folder, the split folder, then the track's own
+    ``default``. A split-relative path must land inside this track: a renamed copy of a track
+    must not read another track's stems."""
+    here = track.resolve()
+    if value:
+        if (track / str(value)).is_dir():
+            return track / str(value)
+        beside = (track.parent / str(value)).resolve()
+        if beside.is_dir() and beside.is_relative_to(here):
+            return beside
+    return track / default if (track / default).is_dir() else None
+
+
 def target_of(inst_class: str, program: int, is_drum: bool, instruments: list[str]) -> str | None:
     if is_drum:
         return None
@@ -85,20 +129,32 @@ def target_of(inst_class: str, program: int, is_drum: bool, instruments: list[st
     return None
 
 
+def _why_not(inst_class: str, program: int, is_drum: bool, name: str) -> str:
+    if is_drum:
+        return "drums"
+    return f"{inst_class} program {program} ({name or 'unnamed'}) maps to no target"
+
+
 def read_sources(split: str, track: Path, cfg: DataConfig) -> TrackSources:
+    """Which stem files feed which target, from ``metadata.yaml`` and what is on disk.
+
+    A stem counts when its audio file exists, whatever ``audio_rendered`` says (BabySlakh
+    writes false for every stem it ships); ``audio_rendered: false`` with no file is an
+    absent stem; ``audio_rendered: true`` with no file is a broken track."""
     meta_path = track / "metadata.yaml"
     if not meta_path.is_file():
         raise SlakhError(f"{meta_path}: missing metadata.yaml")
     try:
         meta = yaml.safe_load(meta_path.read_text())
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise SlakhError(f"{meta_path}: not valid YAML ({e})") from e
     if not isinstance(meta, dict) or not isinstance(meta.get("stems"), dict):
         raise SlakhError(f"{meta_path}: no 'stems' mapping")
-    audio_dir = track / str(meta.get("audio_dir") or "stems")
-    midi_dir = track / str(meta.get("midi_dir") or "MIDI")
+    audio_dir = resolve_dir(track, meta.get("audio_dir"), "stems")
+    midi_dir = resolve_dir(track, meta.get("midi_dir"), "MIDI")
     src = TrackSources(name=track.name, split=split, path=track, mix_path=_find_audio(track, "mix"))
     for sid, info in sorted(meta["stems"].items()):
+        sid = str(sid)
         if not isinstance(info, dict):
             raise SlakhError(f"{meta_path}: stem {sid} has no fields")
         cls = info.get("inst_class")
@@ -108,22 +164,33 @@ def read_sources(split: str, track: Path, cfg: DataConfig) -> TrackSources:
             program = int(info.get("program_num", -1))
         except (TypeError, ValueError):
             raise SlakhError(f"{meta_path}: stem {sid} has a non-integer program_num") from None
-        target = target_of(cls, program, bool(info.get("is_drum", False)), cfg.instruments)
-        if target is None or info.get("audio_rendered", True) is False:
-            # an unrendered stem is not in the audio, so its notes must not be in the score
+        is_drum = bool(info.get("is_drum", False))
+        target = target_of(cls, program, is_drum, cfg.instruments)
+        if target is None:
+            src.ignored[sid] = _why_not(cls, program, is_drum, str(info.get("midi_program_name") or ""))
             continue
-        if not audio_dir.is_dir():
-            raise SlakhError(f"{audio_dir}: stems folder missing (metadata.yaml lists {sid})")
+        if audio_dir is None:
+            raise SlakhError(f"{track / str(meta.get('audio_dir') or 'stems')}: stems folder missing "
+                             f"(metadata.yaml lists {sid})")
         audio = _find_audio(audio_dir, sid)
         if audio is None:
+            if info.get("audio_rendered", True) is False:
+                # not rendered, so not in the mix: its notes must not be in the score either
+                src.ignored[sid] = f"{target}: no audio file (audio_rendered: false)"
+                continue
             raise SlakhError(f"{audio_dir / sid}.flac: stem audio missing (metadata.yaml says it was rendered)")
-        midi = midi_dir / f"{sid}.mid"
+        midi = (midi_dir or track / "MIDI") / f"{sid}.mid"
         if not midi.is_file():
             raise SlakhError(f"{midi}: MIDI file of stem {sid} missing")
         src.stems.setdefault(target, []).append(audio)
         src.midis.setdefault(target, []).append(midi)
+    if audio_dir is not None:
+        listed = {str(s) for s in meta["stems"]}
+        for extra in sorted(p for p in audio_dir.iterdir() if p.suffix in AUDIO_EXTS and p.stem not in listed):
+            src.notes.append(f"{extra.name}: no entry in metadata.yaml, ignored")
     if not src.stems:
-        raise SlakhError(f"{meta_path}: no stem maps to the target instruments {cfg.instruments}")
+        raise SlakhError(f"{meta_path}: no stem maps to the target instruments {cfg.instruments} "
+                         f"({'; '.join(f'{k}: {v}' for k, v in src.ignored.items()) or 'no stems listed'})")
     missing = [i for i in cfg.instruments if i not in src.stems]
     if missing and cfg.require_all:
         raise SlakhError(f"{track}: lacks instrument(s) {missing} and data.require_all is set")

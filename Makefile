@@ -25,7 +25,7 @@ demo: setup
 	$(BIN)/wss-ray pipeline --config configs/demo.yaml --out $(DEMO_OUT)
 
 test: setup
-	$(BIN)/python -m pytest -x -q tests
+	$(BIN)/python -m pytest -x -q -rs tests
 
 BENCH_OUT ?= bench_out
 DEMO_CKPT ?= $(DEMO_OUT)/checkpoints/finetune-c-h-aml/checkpoint

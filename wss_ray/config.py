@@ -144,6 +144,9 @@ class StageConfig:
     grad_clip: float = 5.0
     checkpoint_every: int = 50
     val_batches: int = 4
+    # training windows start at a random STFT frame (running into the next chunk), not only
+    # on the chunk grid; validation and evaluation always read the grid
+    random_windows: bool = True
     # weight of positive cells in every transcription BCE (1 = plain BCE, as the paper)
     pos_weight: float = 1.0
     # separator / baseline / finetune: mixture losses in {"c", "h"}

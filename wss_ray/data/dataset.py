@@ -9,6 +9,7 @@ upper bound and for evaluation. Both yield Arrow batches that :func:`to_tensors`
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -52,38 +53,110 @@ def feature_files(data_dir: str | Path, split: str) -> list[str]:
 MATERIALIZE_BYTES = 2 << 30
 
 
-def weak_dataset(data_dir: str | Path, split: str, repeat: int = 1, seed: int | None = None):
+def weak_dataset(data_dir: str | Path, split: str, repeat: int = 1, seed: int | None = None,
+                 windows: bool = False):
     """Ray Data Dataset of features rows (track, chunk, start, mix, roll, active). No stems.
 
     ``repeat`` > 1 chains that many passes (epochs) into one stream, each pass in its own
     shard order (``seed``): restarting a streaming split per epoch costs seconds, which
     dominates on small data. A split that fits comfortably in the object store is read
-    once and replayed; a larger one is re-read per pass.
+    once and replayed; a larger one is re-read per pass. ``windows``: each pass draws its own
+    random-offset windows (:func:`random_windows`), for training.
     """
-    return _passes(data_dir, split, repeat, seed, attach=None)
+    return _passes(data_dir, split, repeat, seed, attach=None, windows=windows)
 
 
-def _passes(data_dir: str | Path, split: str, repeat: int, seed: int | None, attach):
+def _passes(data_dir: str | Path, split: str, repeat: int, seed: int | None, attach, windows: bool = False):
     import ray
 
     files = feature_files(data_dir, split)
+    manifest = load_manifest(data_dir)
 
     def read(paths):
         ds = ray.data.read_parquet(paths, file_extensions=["parquet"])
         return ds.map_batches(attach, batch_format="pyarrow", zero_copy_batch=True) if attach else ds
 
-    if repeat <= 1:
-        return read(files)
+    def windowed(ds, pass_seed: int):
+        # a whole block per call: a block holds whole tracks (one shard each), so a chunk finds
+        # its successor; one at a block edge keeps offset 0
+        return ds.map_batches(_Windows(manifest, pass_seed), batch_size=None, batch_format="pyarrow") if windows else ds
+
     rng = np.random.default_rng(seed)
+    if repeat <= 1:
+        return windowed(read(files), int(rng.integers(1 << 31)))
     size = sum(Path(f).stat().st_size for f in files) * 3  # parquet (zstd) -> arrow in memory, roughly
     if attach:
-        size *= len(load_manifest(data_dir)["instruments"]) + 1
+        size *= len(manifest["instruments"]) + 1
     if size < MATERIALIZE_BYTES:
         once = read(files).materialize()  # stems (if any) attached once, not per pass
-        passes = [once.randomize_block_order(seed=int(rng.integers(1 << 31))) for _ in range(repeat)]
+        passes = [windowed(once.randomize_block_order(seed=int(rng.integers(1 << 31))), int(rng.integers(1 << 31)))
+                  for _ in range(repeat)]
     else:
-        passes = [read([files[i] for i in rng.permutation(len(files))]) for _ in range(repeat)]
+        passes = [windowed(read([files[i] for i in rng.permutation(len(files))]), int(rng.integers(1 << 31)))
+                  for _ in range(repeat)]
     return passes[0].union(*passes[1:])
+
+
+def random_windows(table: pa.Table, manifest: dict, rng: np.random.Generator) -> pa.Table:
+    """Every chunk becomes a chunk-length window starting at a random STFT frame inside it and
+    running into the next chunk of its track, so training sees every alignment of notes to
+    the window, not only the fixed chunk grid. Audio and rolls are sliced on the same frame
+    grid: frame j of a window is frame o + j of the track's chunk sequence (a chunk's closing
+    frame is the next chunk's first). A chunk without its successor in ``table`` (a track's
+    last) keeps offset 0. ``start`` moves with the window; ``chunk`` still names the source
+    chunk. Same schema, same row count."""
+    if table.num_rows == 0:
+        return table
+    k = len(manifest["instruments"])
+    p = manifest["pitch_max"] - manifest["pitch_min"] + 1
+    n, l, hop = manifest["n_frames"], manifest["chunk_samples"], manifest["hop"]
+    tracks = table.column("track").to_pylist()
+    chunks = table.column("chunk").to_numpy()
+    where = {(t, int(c)): i for i, (t, c) in enumerate(zip(tracks, chunks))}
+    nxt = np.array([where.get((t, int(c) + 1), -1) for t, c in zip(tracks, chunks)])
+    has = np.nonzero(nxt >= 0)[0]
+    if not len(has):
+        return table
+    offsets = np.zeros(table.num_rows, np.int64)
+    offsets[has] = rng.integers(0, n - 1, size=len(has))     # 0 .. frames per chunk - 1
+    cols = {name: table.column(name) for name in table.column_names}
+
+    def slide(name: str, shape: tuple, axis_len: int, step: int, pair) -> pa.Array:
+        x = _fixed_to_numpy(cols[name], shape)
+        both = pair(x[has], x[nxt[has]])                        # (R', ..., 2 * axis_len - overlap)
+        idx = offsets[has, None] * step + np.arange(axis_len)
+        idx = idx.reshape(len(has), *([1] * (len(shape) - 1)), axis_len)
+        out = x.copy()
+        out[has] = np.take_along_axis(both, idx, axis=-1)
+        return out
+
+    mix = slide("mix", (l,), l, hop, lambda a, b: np.concatenate([a, b], axis=-1))
+    roll = slide("roll", (k, p, n), n, 1, lambda a, b: np.concatenate([a[..., :-1], b], axis=-1))
+    new = {
+        "start": pa.array(table.column("start").to_numpy() + offsets * hop, pa.int64()),
+        "mix": _fixed_array(mix, l, pa.float32()),
+        "roll": _fixed_array(roll, k * p * n, pa.uint8()),
+        "active": _fixed_array(roll.reshape(len(roll), k, -1).max(axis=-1), k, pa.uint8()),
+    }
+    if "stems" in cols:
+        stems = slide("stems", (k, l), l, hop, lambda a, b: np.concatenate([a, b], axis=-1))
+        new["stems"] = _fixed_array(stems, k * l, pa.float32())
+    return pa.Table.from_arrays([new.get(name, cols[name]) for name in table.column_names], schema=table.schema)
+
+
+def _fixed_array(values: np.ndarray, size: int, typ: pa.DataType) -> pa.Array:
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values).reshape(-1), type=typ), size)
+
+
+class _Windows:
+    def __init__(self, manifest: dict, seed: int):
+        self.manifest, self.seed = manifest, seed
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        # one stream per block of this pass, from the pass's seed and the block's first track:
+        # the same offsets whichever worker runs the block
+        key = batch.column("track")[0].as_py() if batch.num_rows else ""
+        return random_windows(batch, self.manifest, np.random.default_rng([self.seed, zlib.crc32(key.encode())]))
 
 
 def _stems_for(data_dir: str, split: str, table: pa.Table) -> pa.Table:
@@ -113,10 +186,11 @@ class _AttachStems:
         return _stems_for(self.data_dir, self.split, batch)
 
 
-def supervised_dataset(data_dir: str | Path, split: str, repeat: int = 1, seed: int | None = None):
+def supervised_dataset(data_dir: str | Path, split: str, repeat: int = 1, seed: int | None = None,
+                       windows: bool = False):
     """Ray Data Dataset of features rows joined with their reference stems."""
     _shards(data_dir, split, "stems")  # fail now, naming the folder, rather than inside a Ray task
-    return _passes(data_dir, split, repeat, seed, attach=_AttachStems(str(data_dir), split))
+    return _passes(data_dir, split, repeat, seed, attach=_AttachStems(str(data_dir), split), windows=windows)
 
 
 def _fixed_to_numpy(col: pa.ChunkedArray | pa.Array, shape: tuple[int, ...]) -> np.ndarray:
@@ -146,13 +220,24 @@ def to_tensors(batch: pa.Table | dict, manifest: dict) -> dict[str, torch.Tensor
     return out
 
 
+def load_split(data_dir: str | Path, split: str, with_stems: bool = False) -> pa.Table:
+    """A whole split in memory (features, and stems when asked), for the plain loop."""
+    table = pa.concat_tables([pq.read_table(f) for f in feature_files(data_dir, split)])
+    return _stems_for(str(data_dir), split, table) if with_stems else table
+
+
 def iter_local(data_dir: str | Path, split: str, batch_size: int, with_stems: bool = False,
                shuffle_seed: int | None = None, drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """The same batches without Ray: for tests, debugging and single-process evaluation."""
-    manifest = load_manifest(data_dir)
-    table = pa.concat_tables([pq.read_table(f) for f in feature_files(data_dir, split)])
-    if with_stems:
-        table = _stems_for(str(data_dir), split, table)
+    yield from iter_table(load_split(data_dir, split, with_stems), load_manifest(data_dir), batch_size,
+                          shuffle_seed=shuffle_seed, drop_last=drop_last)
+
+
+def iter_table(table: pa.Table, manifest: dict, batch_size: int, shuffle_seed: int | None = None,
+               drop_last: bool = False, windows_seed: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of an in-memory table; random-offset windows drawn with ``windows_seed``."""
+    if windows_seed is not None:
+        table = random_windows(table, manifest, np.random.default_rng(windows_seed))
     order = np.arange(table.num_rows)
     if shuffle_seed is not None:
         np.random.default_rng(shuffle_seed).shuffle(order)

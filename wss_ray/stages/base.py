@@ -73,11 +73,26 @@ class StepContext:
         return build_model(self.parent, name)
 
 
-def freeze(model: nn.Module) -> nn.Module:
+def critic_mode(model: nn.Module) -> nn.Module:
+    """The mode of a frozen critic that gradients flow *through* (the transcriptor under the
+    separator, the classifier under the baseline): deterministic, and differentiable on every
+    backend. cuDNN's RNN backward refuses a module in eval mode ("cudnn RNN backward can only be
+    called in training mode"), so recurrent layers stay in train mode with their inter-layer
+    dropout off (an RNN has no running statistics: train mode then computes what eval does);
+    every other layer (dropout, norms) is in eval mode."""
     model.eval()
+    for m in model.modules():
+        if isinstance(m, nn.RNNBase):
+            m.dropout = 0.0
+            m.train()
+    return model
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """No gradient to its parameters (so no optimizer step can touch it), critic mode."""
     for p in model.parameters():
         p.requires_grad_(False)
-    return model
+    return critic_mode(model)
 
 
 def separate(separator: nn.Module, mag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

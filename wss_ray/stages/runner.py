@@ -22,7 +22,7 @@ from wss_ray.checkpoint import CheckpointError, code_revision, load_checkpoint, 
 from wss_ray.config import Config, config_from_dict
 from wss_ray.data.dataset import load_manifest, supervised_dataset, to_tensors, weak_dataset
 from wss_ray.stages import RECIPES
-from wss_ray.stages.base import Recipe, StepContext
+from wss_ray.stages.base import Recipe, StepContext, critic_mode
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -55,12 +55,13 @@ def fit(recipe: Recipe, ctx: StepContext, models: dict, opts: dict, train_batche
     log_every = max(1, s.steps // 10)
     t0 = time.time()
     wait = 0.0  # time spent waiting for input batches: the ingest share of a step
-    # frozen critics stay in eval mode; decided once, re-applied after each validation
+    # frozen critics stay in critic mode (see base.critic_mode: eval mode would break cuDNN's
+    # RNN backward); decided once, re-applied after each validation
     trains = {n: any(p.requires_grad for p in m.parameters()) for n, m in models.items()}
 
     def set_modes() -> None:
         for n, m in models.items():
-            m.train(trains[n])
+            m.train() if trains[n] else critic_mode(m)
 
     set_modes()
     for o in opts.values():
@@ -242,11 +243,8 @@ def build_trainer(stage: str, cfg: Config, data: str | Path, parent: str | None,
         raise ValueError(f"{data}: the train split has {rows} chunks, fewer than batch_size x workers = "
                          f"{scfg.batch_size} x {cfg.ray.workers}")
     repeat = math.ceil(scfg.steps * scfg.batch_size * cfg.ray.workers / rows) + 1
-    val_split = "validation" if (data / "validation" / "features").is_dir() else "train"
-    meta = {"stage": stage, "variant": recipe.variant(cfg.stages[stage]), "config": cfg.to_dict(),
-            "parents": [parent_path] if parent_path else [], "data_fingerprint": manifest["fingerprint"],
-            "data": str(data), "instruments": manifest["instruments"], "code_revision": code_revision(),
-            "val_metric": recipe.val_metric, "val_mode": recipe.val_mode, **(meta_extra or {})}
+    val_split = validation_split(data)
+    meta = stage_meta(stage, cfg, data, manifest, parent_path, meta_extra)
     log(f"[{stage}] {cfg.ray.workers} worker(s){' on GPU' if cfg.ray.use_gpu else ''}, {scfg.steps} steps, "
         f"data {data.name} ({manifest['fingerprint']}), parent {parent_path or '-'}")
     resources = {"CPU": cfg.ray.cpus_per_worker}
@@ -258,7 +256,8 @@ def build_trainer(stage: str, cfg: Config, data: str | Path, parent: str | None,
         options.preserve_order = True
         dataset_config = IngestConfig(execution_options=options)
     with _driver_preserve_order(cfg.ray.preserve_order):  # a small split is materialized right here
-        datasets = {"train": open_split(data, "train", repeat, cfg.seed), "val": open_split(data, val_split)}
+        datasets = {"train": open_split(data, "train", repeat, cfg.seed, windows=scfg.random_windows),
+                    "val": open_split(data, val_split)}
     if cfg.ray.use_gpu and cfg.ray.gpus_per_worker != 1.0:
         resources["GPU"] = cfg.ray.gpus_per_worker
     return TorchTrainer(
@@ -276,6 +275,62 @@ def build_trainer(stage: str, cfg: Config, data: str | Path, parent: str | None,
         datasets=datasets,
         dataset_config=dataset_config,
     )
+
+
+def validation_split(data: Path) -> str:
+    return "validation" if (data / "validation" / "features").is_dir() else "train"
+
+
+def stage_meta(stage: str, cfg: Config, data: Path, manifest: dict, parent_path: str | None,
+               extra: dict | None = None) -> dict:
+    """Lineage of a stage checkpoint: config, parent, data fingerprint, code revision."""
+    recipe = RECIPES[stage]
+    return {"stage": stage, "variant": recipe.variant(cfg.stages[stage]), "config": cfg.to_dict(),
+            "parents": [parent_path] if parent_path else [], "data_fingerprint": manifest["fingerprint"],
+            "data": str(data), "instruments": manifest["instruments"], "code_revision": code_revision(),
+            "val_metric": recipe.val_metric, "val_mode": recipe.val_mode, **(extra or {})}
+
+
+def train_local(stage: str, cfg: Config, data: str | Path, out: str | Path, parent: str | None = None,
+                device: str | torch.device = "cpu", log: Callable[[str], None] | None = print,
+                on_step: Callable[[int, dict], None] | None = None) -> Path:
+    """The same stage in this process, without Ray: the whole split in memory, ``fit`` on
+    ``device`` (bf16 autocast on CUDA), checkpoints with the same lineage as ``train_stage``.
+    For machines without Ray (a bare GPU box), debugging and tests."""
+    from wss_ray.data.dataset import iter_table, load_split
+
+    recipe = RECIPES[stage]
+    data = Path(data).resolve()
+    manifest = load_manifest(data)
+    parent_path = check_parent(stage, parent, manifest)
+    s = cfg.stages[stage]
+    device = torch.device(device)
+    torch.manual_seed(cfg.seed)
+    ctx = StepContext(cfg, s, manifest, device, load_checkpoint(parent_path)[0] if parent_path else None)
+    models = {n: m.to(device) for n, m in recipe.build(ctx).items()}
+    opts = recipe.optimizers(models, ctx)
+    train = load_split(data, "train", with_stems=recipe.needs_stems)
+    if train.num_rows < s.batch_size:
+        raise ValueError(f"{data}: the train split has {train.num_rows} chunks, fewer than batch_size {s.batch_size}")
+    val = load_split(data, validation_split(data), with_stems=recipe.needs_stems)
+    meta = stage_meta(stage, cfg, data, manifest, parent_path, {"trained_by": "train_local"})
+    out = Path(out)
+    final = out / CHECKPOINT_DIR
+
+    def on_checkpoint(step: int, metrics: dict) -> None:
+        save_checkpoint(final, models, {**meta, "step": step, "metrics": {"step": step, **metrics}}, opts)
+
+    def after_step(step: int, metrics: dict) -> None:
+        if on_step:
+            on_step(step, metrics)
+
+    fit(recipe, ctx, models, opts,
+        train_batches=lambda epoch: iter_table(train, manifest, s.batch_size, shuffle_seed=cfg.seed + epoch,
+                                               drop_last=True,
+                                               windows_seed=cfg.seed + epoch if s.random_windows else None),
+        val_batches=lambda: iter_table(val, manifest, s.batch_size),
+        on_checkpoint=on_checkpoint, log=log, after_step=after_step)
+    return final
 
 
 @contextlib.contextmanager

@@ -1,0 +1,119 @@
+"""Training paths a GPU takes, checked on the CPU: frozen critics in a mode cuDNN's RNN
+backward accepts, the plain (Ray-free) loop every stage runs through, and random-offset
+training windows (in the plain loop and through Ray Data)."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch import nn
+
+from wss_ray.checkpoint import load_checkpoint, read_meta
+from wss_ray.data.dataset import load_manifest, random_windows, to_tensors, weak_dataset
+from wss_ray.models import Transcriptor
+from wss_ray.stages.base import freeze
+from wss_ray.stages.runner import train_local
+
+STAGES = [("transcriptor", None), ("classifier", None), ("supervised", None), ("separator", "transcriptor"),
+          ("baseline", "classifier"), ("finetune", "separator")]
+
+
+@pytest.fixture
+def cudnn_rule():
+    """cuDNN's rule, enforced on the CPU: an RNN whose input needs a gradient must be in
+    training mode ("cudnn RNN backward can only be called in training mode")."""
+
+    def hook(module, args):
+        if isinstance(module, nn.RNNBase) and torch.is_grad_enabled() and not module.training \
+                and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            raise RuntimeError("cudnn RNN backward can only be called in training mode")
+
+    handle = nn.modules.module.register_module_forward_pre_hook(hook)
+    yield
+    handle.remove()
+
+
+def test_every_stage_trains_in_the_plain_loop_under_the_cudnn_rule(features, small_cfg, tmp_path, cudnn_rule):
+    import copy
+
+    cfg = copy.deepcopy(small_cfg)
+    for s in cfg.stages.values():
+        s.steps, s.checkpoint_every, s.batch_size = 2, 1, 4   # a validation between the two steps
+    ckpt = {}
+    for stage, parent in STAGES:
+        lines = []
+        ckpt[stage] = train_local(stage, cfg, features, tmp_path / stage, parent=ckpt.get(parent),
+                                  log=lines.append)
+        meta = read_meta(ckpt[stage])
+        assert meta["step"] == 2 and meta["stage"] == stage and meta["trained_by"] == "train_local"
+        assert meta["parents"] == ([str(ckpt[parent].resolve())] if parent else [])
+        assert np.isfinite(meta["metrics"]["loss"])
+    # a frozen critic is never stepped: the separator stage hands its parent's transcriptor on as is
+    before = load_checkpoint(ckpt["transcriptor"])[0]["models"]["transcriptor"]["state"]
+    after = load_checkpoint(ckpt["separator"])[0]["models"]["transcriptor"]["state"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_frozen_critic_is_deterministic_and_differentiable_through():
+    t = Transcriptor(16000, 1024, 3, 21, 108, channels=4, hidden=16, dropout=0.5)
+    t.trunk.rnn = nn.GRU(16, 16, num_layers=2, batch_first=True, bidirectional=True, dropout=0.5)
+    freeze(t)
+    rnns = [m for m in t.modules() if isinstance(m, nn.RNNBase)]
+    assert rnns and all(m.training and m.dropout == 0 for m in rnns)
+    assert not any(m.training for m in t.modules() if isinstance(m, (nn.Dropout, nn.BatchNorm1d, nn.BatchNorm2d)))
+    assert not any(p.requires_grad for p in t.parameters())
+    x = torch.rand(2, 513, 20, requires_grad=True)
+    a, b = t(x)["roll"], t(x)["roll"]
+    assert torch.equal(a, b)
+    a.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def _track_truth(features, split, track, manifest):
+    """The track's whole audio and roll, stitched from its grid chunks independently of the
+    code under test: chunk c covers samples c*L.., its frames 0..N-2 then the closing frame."""
+    tab = pq.read_table(features / split / "features" / f"{track}.parquet").sort_by("chunk")
+    b = to_tensors(tab, manifest)
+    audio = b["mix"].reshape(-1).numpy()
+    roll = torch.cat([b["roll"][i, ..., :-1] for i in range(len(b["roll"]))] + [b["roll"][-1, ..., -1:]], -1)
+    return audio, roll.numpy()
+
+
+def test_random_windows_slice_audio_and_roll_on_one_grid(features):
+    m = load_manifest(features)
+    L, hop, N = m["chunk_samples"], m["hop"], m["n_frames"]
+    table = pa.concat_tables([pq.read_table(p) for p in sorted((features / "train" / "features").glob("*.parquet"))])
+    win = random_windows(table, m, np.random.default_rng(0))
+    assert win.schema == table.schema and win.num_rows == table.num_rows
+    starts = win.column("start").to_numpy()
+    assert (starts % L != 0).mean() > 0.5 and (starts % hop == 0).all()
+    b = to_tensors(win, m)
+    truth = {}
+    for i, (track, start) in enumerate(zip(win.column("track").to_pylist(), starts)):
+        if track not in truth:
+            truth[track] = _track_truth(features, "train", track, m)
+        audio, roll = truth[track]
+        np.testing.assert_array_equal(b["mix"][i].numpy(), audio[start:start + L])
+        np.testing.assert_array_equal(b["roll"][i].numpy(), roll[..., start // hop:start // hop + N])
+        assert b["active"][i].tolist() == (roll[..., start // hop:start // hop + N].max(axis=(1, 2)) > 0).tolist()
+    # a track's last chunk has no successor: it stays on the grid
+    last = {t: max(c for tt, c in zip(table.column("track").to_pylist(), table.column("chunk").to_pylist()) if tt == t)
+            for t in truth}
+    for track, chunk, start in zip(win.column("track").to_pylist(), win.column("chunk").to_pylist(), starts):
+        if chunk == last[track]:
+            assert start == chunk * L
+
+
+def test_ray_training_reader_draws_windows_and_validation_does_not(features, ray_local):
+    m = load_manifest(features)
+    L = m["chunk_samples"]
+    rows = weak_dataset(features, "train", repeat=2, seed=1, windows=True).take_all()
+    starts = np.array([r["start"] for r in rows])
+    assert (starts % L != 0).mean() > 0.5
+    row = rows[int(np.argmax(starts % L))]
+    audio, _ = _track_truth(features, "train", row["track"], m)
+    np.testing.assert_array_equal(np.asarray(row["mix"]), audio[row["start"]:row["start"] + L])
+    val = weak_dataset(features, "validation").take_all()
+    assert all(r["start"] % L == 0 for r in val)

@@ -159,7 +159,7 @@ def test_pipeline_sweeps_a_stage_and_evaluates_every_trial(tmp_path, features, s
     cfg.pipeline.sweeps = {"separator": str(tmp_path / "space.yaml")}
     cfg.pipeline.examples = 0
     run_pipeline(cfg, tmp_path / "out", data=features)
-    rows = json.loads((tmp_path / "out" / "results" / "results.json").read_text())
+    rows = json.loads((tmp_path / "out" / "results" / "results.json").read_text())["multi_source"]["rows"]
     trial_rows = {r["system"] for r in rows if r["system"].startswith("separator")}
     assert {s.split("@")[0] for s in trial_rows} == {"separator[c]", "separator[c+h]"} and len(trial_rows) == 2
     best = json.loads((tmp_path / "out" / "tune" / "tune-separator" / "best.json").read_text())

@@ -76,11 +76,12 @@ def _cmd_plot(a) -> int:
     import json
     from pathlib import Path
 
+    from wss_ray.evaluate import rows_of
     from wss_ray.plots import plot_examples, plot_results
 
     plot_examples(a.checkpoint, a.data, a.out, split=a.split, n=a.examples)
     if a.results:
-        path = plot_results(json.loads(Path(a.results).read_text()), Path(a.out) / "results.png")
+        path = plot_results(rows_of(json.loads(Path(a.results).read_text())), Path(a.out) / "results.png")
         print(f"[plot] {path}")
     return 0
 

@@ -1,7 +1,12 @@
 """Evaluation like the paper's Table 1: SI-SDR per instrument on the chunks where that
 instrument's reference is audible, for the input mixture, the oracle ideal ratio mask and
 every checkpoint; frame-level transcription P/R/F1 (mir_eval.multipitch) for the
-transcriptors the checkpoints hold."""
+transcriptors the checkpoints hold.
+
+The main table is over **multi-source chunks** (at least two targets audible): where one
+instrument plays alone the mixture *is* its reference and scores +30 dB or more, which lifts
+the mixture row's mean and hides every separator's gain. The all-chunks table comes beside it.
+"""
 from __future__ import annotations
 
 import csv
@@ -21,6 +26,9 @@ from wss_ray.separate import Separator
 # a reference quieter than this peak (about -60 dBFS) counts as silent in that chunk
 SILENCE_PEAK = 1e-3
 PAPER_ORDER = ("bass", "guitar", "piano")
+# the separation problem: chunks where at least this many targets are audible
+MIN_SOURCES = 2
+RESULTS_VERSION = 2
 
 
 def oracle_irm(spec: torch.Tensor, stems_spec: torch.Tensor, stft: STFT, length: int) -> torch.Tensor:
@@ -65,14 +73,40 @@ def expand_checkpoints(paths: list[str]) -> list[str]:
     return out
 
 
+def table_rows(scores: dict, multi: dict, insts: list[str], only_multi: bool) -> list[dict]:
+    """Mean/median SI-SDR per (system, instrument) over the audible chunks (only the
+    multi-source ones when asked)."""
+    rows = []
+    for sysname, per_inst in scores.items():
+        for k, inst in enumerate(insts):
+            v = np.array(per_inst[k])
+            if only_multi:
+                v = v[np.array(multi[k], bool)] if len(v) else v
+            rows.append({"system": sysname, "instrument": inst,
+                         "si_sdr_mean": float(v.mean()) if len(v) else float("nan"),
+                         "si_sdr_median": float(np.median(v)) if len(v) else float("nan"),
+                         "n_chunks": int(len(v))})
+    return rows
+
+
+def rows_of(results) -> list[dict]:
+    """The main table's rows of a results.json (version 2: multi-source; version 1: a list)."""
+    if isinstance(results, list):
+        return results
+    return results["multi_source"]["rows"]
+
+
 def evaluate(checkpoints: list[str], data: str | Path, out: str | Path, split: str = "test",
-             cfg: Config | None = None, examples: int = 0, batch_size: int = 16, log=print) -> list[dict]:
+             cfg: Config | None = None, examples: int = 0, batch_size: int = 16, log=print,
+             device: str = "cpu") -> list[dict]:
+    """Score every checkpoint on ``split``; writes results.{md,csv,json,png} and the per-chunk
+    distribution plot; returns the multi-source table's rows."""
     import soundfile as sf
 
     manifest = load_manifest(data)
     insts = manifest["instruments"]
     checkpoints = expand_checkpoints(checkpoints)
-    seps = [Separator.from_checkpoint(c) for c in checkpoints]
+    seps = [Separator.from_checkpoint(c, device=device) for c in checkpoints]
     for c, s in zip(checkpoints, seps):
         if s.instruments != insts:
             raise ValueError(f"{c}: trained on {s.instruments}, the data has {insts}")
@@ -84,16 +118,21 @@ def evaluate(checkpoints: list[str], data: str | Path, out: str | Path, split: s
     systems = ["mixture", "oracle_irm"] + names
     stft = STFT(manifest["n_fft"], manifest["hop"])
     scores = {s: [[] for _ in insts] for s in systems}
+    multi = [[] for _ in insts]          # per instrument, per scored chunk: multi-source or not
     rolls_ref, rolls_est = [], {n: [] for n, s in zip(names, seps) if s.transcriptor is not None}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ex_left = examples
-    n_chunks = 0
+    n_chunks = n_multi = 0
     for batch in iter_local(data, split, batch_size, with_stems=True):
         mix, refs = batch["mix"], batch["stems"]
         L = mix.shape[-1]
         spec = stft(mix)
         audible = refs.abs().amax(dim=-1) > SILENCE_PEAK                      # (B, K)
+        several = audible.sum(dim=1) >= MIN_SOURCES                            # (B,)
+        n_multi += int(several.sum())
+        for k in range(len(insts)):
+            multi[k] += several[audible[:, k]].tolist()
         ests = {"mixture": mix[:, None].expand_as(refs), "oracle_irm": oracle_irm(spec, stft(refs), stft, L)}
         for n, s in zip(names, seps):
             ests[n] = s.separate_batch(mix).cpu()
@@ -119,14 +158,8 @@ def evaluate(checkpoints: list[str], data: str | Path, out: str | Path, split: s
     if n_chunks == 0:
         raise ValueError(f"{data}/{split}: no chunks to evaluate")
 
-    rows = []
-    for sysname in systems:
-        for k, inst in enumerate(insts):
-            v = np.array(scores[sysname][k])
-            rows.append({"system": sysname, "instrument": inst,
-                         "si_sdr_mean": float(v.mean()) if len(v) else float("nan"),
-                         "si_sdr_median": float(np.median(v)) if len(v) else float("nan"),
-                         "n_chunks": int(len(v))})
+    rows_all = table_rows(scores, multi, insts, only_multi=False)
+    rows = table_rows(scores, multi, insts, only_multi=True)
     trans = []
     if rolls_est:
         ref = np.concatenate(rolls_ref)                              # (C, K, P, N)
@@ -137,20 +170,31 @@ def evaluate(checkpoints: list[str], data: str | Path, out: str | Path, split: s
                 flat = lambda r: np.concatenate(list(r[:, k]), axis=-1)  # chunks side by side in time
                 p, r, f = multipitch_prf(flat(est), flat(ref), fps, manifest["pitch_min"])
                 trans.append({"system": n, "instrument": inst, "precision": p, "recall": r, "f1": f})
-    table = results_markdown(rows, trans, insts, split, n_chunks)
-    _write_atomic(out / "results.json", json.dumps(rows, indent=2))
+    table = (results_markdown(rows, trans, insts, split, n_multi,
+                              title=f"multi-source chunks (at least {MIN_SOURCES} targets audible)")
+             + "\n" + results_markdown(rows_all, [], insts, split, n_chunks, title="all chunks", gap=False))
+    per_chunk = {s: {inst: [round(v, 3) for v, m in zip(scores[s][k], multi[k]) if m] for k, inst in enumerate(insts)}
+                 for s in systems}
+    results = {"version": RESULTS_VERSION, "split": split, "data_fingerprint": manifest["fingerprint"],
+               "multi_source": {"min_sources": MIN_SOURCES, "chunks": n_multi, "rows": rows,
+                                "per_chunk_si_sdr": per_chunk},
+               "all_chunks": {"chunks": n_chunks, "rows": rows_all}}
+    _write_atomic(out / "results.json", json.dumps(results, indent=2))
     _write_atomic(out / "transcription.json", json.dumps(trans, indent=2))
     with open(out / ".results.csv.tmp", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w = csv.DictWriter(fh, fieldnames=["table"] + list(rows[0]))
         w.writeheader()
-        w.writerows(rows)
+        w.writerows([{"table": "multi_source", **r} for r in rows] + [{"table": "all_chunks", **r} for r in rows_all])
     os.replace(out / ".results.csv.tmp", out / "results.csv")
     _write_atomic(out / "results.md", table)
-    from wss_ray.plots import plot_results
+    from wss_ray.plots import plot_distributions, plot_results
 
-    plot_results(rows, out / "results.png", f"SI-SDR (dB) on {split}, mean over audible chunks")
+    plot_results(rows, out / "results.png", f"SI-SDR (dB) on {split}, mean over multi-source chunks")
+    plot_distributions(per_chunk, out / "results_distribution.png",
+                       f"SI-SDR (dB) per multi-source chunk on {split}")
     log(table)
-    log(f"[evaluate] results in {out}/results.{{md,csv,json,png}}" + (f"; examples in {out}/examples" if examples else ""))
+    log(f"[evaluate] results in {out}/results.{{md,csv,json,png}}, results_distribution.png"
+        + (f"; examples in {out}/examples" if examples else ""))
     return rows
 
 
@@ -158,7 +202,8 @@ def evaluate(checkpoints: list[str], data: str | Path, out: str | Path, split: s
 MIN_GAP_DB = 1.0
 
 
-def results_markdown(rows: list[dict], trans: list[dict], insts: list[str], split: str, n_chunks: int) -> str:
+def results_markdown(rows: list[dict], trans: list[dict], insts: list[str], split: str, n_chunks: int,
+                     title: str = "", gap: bool = True) -> str:
     order = [i for i in PAPER_ORDER if i in insts] + [i for i in insts if i not in PAPER_ORDER]
     by = {(r["system"], r["instrument"]): r for r in rows}
     systems = list(dict.fromkeys(r["system"] for r in rows))
@@ -166,15 +211,16 @@ def results_markdown(rows: list[dict], trans: list[dict], insts: list[str], spli
     def avg(sysname, key):
         return float(np.nanmean([by[(sysname, i)][key] for i in insts]))
 
-    has_gap = "mixture" in systems and "supervised" in systems
+    has_gap = gap and "mixture" in systems and "supervised" in systems
     lo = avg("mixture", "si_sdr_mean") if has_gap else float("nan")
     gap_db = avg("supervised", "si_sdr_mean") - lo if has_gap else float("nan")
-    lines = [f"SI-SDR (dB) on {split}: {n_chunks} chunks; mean over chunks where the reference is audible "
-             f"(median in parentheses)", ""]
+    lines = [f"SI-SDR (dB) on {split}{', ' + title if title else ''}: {n_chunks} chunks; mean over chunks "
+             f"where the reference is audible (median in parentheses)", ""]
     head = "| system | " + " | ".join(order) + " | avg |" + (" gap closed |" if has_gap else "")
     lines += [head, "|" + "---|" * (len(order) + 2 + has_gap)]
     for s in systems:
-        cells = [f"{by[(s, i)]['si_sdr_mean']:.2f} ({by[(s, i)]['si_sdr_median']:.2f})" for i in order]
+        cells = [f"{by[(s, i)]['si_sdr_mean']:.2f} ({by[(s, i)]['si_sdr_median']:.2f})"
+                 if by[(s, i)]["n_chunks"] else "–" for i in order]
         line = f"| {s} | " + " | ".join(cells) + f" | {avg(s, 'si_sdr_mean'):.2f} |"
         if has_gap:
             if gap_db >= MIN_GAP_DB:

@@ -92,6 +92,25 @@ def plot_results(rows: list[dict], path: str | Path, title: str = "SI-SDR (dB), 
     return _save(fig, path)
 
 
+def plot_distributions(per_chunk: dict[str, dict[str, list[float]]], path: str | Path,
+                       title: str = "SI-SDR (dB) per chunk") -> Path:
+    """Box plots of per-chunk SI-SDR: one panel per instrument, one box per system."""
+    plt = _pyplot()
+    systems = list(per_chunk)
+    insts = list(next(iter(per_chunk.values()), {}))
+    fig, axes = plt.subplots(1, max(len(insts), 1), figsize=(4 + 1.6 * len(insts) * max(1, len(systems) / 4), 4.5),
+                             sharey=True, squeeze=False)
+    for ax, inst in zip(axes[0], insts):
+        data = [per_chunk[s][inst] or [np.nan] for s in systems]
+        ax.boxplot(data, showfliers=False)
+        ax.set_xticks(np.arange(1, len(systems) + 1), systems, rotation=60, ha="right", fontsize=7)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_title(f"{inst} ({len(per_chunk[systems[0]][inst])} chunks)")
+    axes[0][0].set_ylabel("dB")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def plot_examples(checkpoint: str, data: str | Path, out: str | Path, split: str = "test", n: int = 2,
                   log=print) -> list[Path]:
     """Mask and score-overlay PNGs for the first ``n`` chunks of a split that hold notes."""

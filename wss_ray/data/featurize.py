@@ -170,12 +170,11 @@ def _clean_temp(out: Path) -> None:
 
 
 def featurize(slakh: str | Path, out: str | Path, cfg: DataConfig, ray_cfg: RayConfig | None = None,
-              log: Callable[[str], None] = print) -> dict:
-    """Featurize every track under ``slakh`` into ``out``; returns the manifest."""
-    import ray
+              log: Callable[[str], None] = print, engine: str = "ray") -> dict:
+    """Featurize every track under ``slakh`` into ``out``; returns the manifest.
 
-    from wss_ray.ray_session import ensure_ray
-
+    ``engine``: "ray" (Ray Data tasks, local instance or cluster) or "local" (a process pool
+    of ``cfg.workers``, for machines without Ray); both write the same shards."""
     out = Path(out)
     tracks = list_tracks(slakh)
     out.mkdir(parents=True, exist_ok=True)
@@ -197,13 +196,8 @@ def featurize(slakh: str | Path, out: str | Path, cfg: DataConfig, ray_cfg: RayC
     t0 = time.time()
     audio_s = 0.0
     if todo:
-        ensure_ray(ray_cfg)
-        items = [{"split": s, "track_dir": str(t)} for s, t in todo]
-        cfg_dict = dataclasses.asdict(cfg)
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map(lambda r: featurize_track(r["split"], r["track_dir"], str(out), cfg_dict),
-                    num_cpus=1, compute=ray.data.TaskPoolStrategy(size=cfg.workers))
-        for i, row in enumerate(ds.iter_rows(), 1):
+        rows = _map_ray(todo, out, cfg, ray_cfg) if engine == "ray" else _map_local(todo, out, cfg)
+        for i, row in enumerate(rows, 1):
             if row["error"]:
                 errors.append({"split": row["split"], "track": row["track"], "error": row["error"]})
                 log(f"[featurize] {i}/{len(todo)} FAILED {row['error']}")
@@ -224,6 +218,32 @@ def featurize(slakh: str | Path, out: str | Path, cfg: DataConfig, ray_cfg: RayC
         + (f"; {audio_s / wall:.1f} s of audio per s" if audio_s and wall > 0 else ""))
     manifest["_run"] = {"wall_s": wall, "audio_s": audio_s, "bad_tracks": errors}
     return manifest
+
+
+def _map_ray(todo: list, out: Path, cfg: DataConfig, ray_cfg: RayConfig | None):
+    import ray
+
+    from wss_ray.ray_session import ensure_ray
+
+    ensure_ray(ray_cfg)
+    items = [{"split": s, "track_dir": str(t)} for s, t in todo]
+    cfg_dict = dataclasses.asdict(cfg)
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map(lambda r: featurize_track(r["split"], r["track_dir"], str(out), cfg_dict),
+                num_cpus=1, compute=ray.data.TaskPoolStrategy(size=cfg.workers))
+    yield from ds.iter_rows()
+
+
+def _map_local(todo: list, out: Path, cfg: DataConfig):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    cfg_dict = dataclasses.asdict(cfg)
+    # spawn: a forked child of a process holding torch or Ray threads can hang
+    with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(featurize_track, s, str(t), str(out), cfg_dict) for s, t in todo]
+        for f in as_completed(futures):
+            yield f.result()
 
 
 def write_manifest(out: Path, cfg: DataConfig, source: str = "") -> dict:

@@ -15,7 +15,7 @@ from wss_ray.config import INSTRUMENT_CLASSES, DataConfig
 from wss_ray.data.score import ScoreError, load_notes
 
 SPLITS = ("train", "validation", "test")
-AUDIO_EXTS = (".flac", ".wav")
+AUDIO_EXTS = (".flac", ".wav", ".ogg")   # .ogg: Vorbis copies made for transport (benchmarks/gpu_bundle.py)
 # Classes Slakh2100's metadata uses (its instrument taxonomy); anything else is a typo or
 # a different dataset and is refused rather than silently dropped.
 SLAKH_CLASSES = {

@@ -1,0 +1,78 @@
+"""Pack what `benchmarks/gpu_check.py` needs on a bare GPU machine (no FluidSynth, no Ray, no
+package index): a synthetic Slakh-format corpus rendered here, its stems re-encoded as Vorbis
+(about an eighth of 16-bit PCM; fine for training data, the mixture is the sum of the decoded
+stems), and the small pure-Python wheels the reader needs (soundfile with its libsndfile,
+pretty_midi, mir_eval and their dependencies), for CPython 3.12 on manylinux x86_64.
+
+    python benchmarks/gpu_bundle.py --out gpu_bundle [--tracks 48] [--seconds 16] [--seed 21]
+
+On the GPU machine:
+
+    pip install --no-index --no-deps gpu_bundle/wheels/*.whl
+    python benchmarks/gpu_check.py --corpus gpu_bundle/corpus
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import soundfile as sf
+
+from wss_ray.data.synth import synthesize_corpus
+
+# what the reader, the MIDI parser and the transcription metric import, and theirs
+WHEELS = ("soundfile", "cffi", "pycparser", "pretty_midi", "mido", "packaging", "six", "importlib_resources",
+          "mir_eval", "decorator")
+
+
+def to_vorbis(corpus: Path, quality: float = 0.4) -> tuple[int, int]:
+    """Stems to .ogg in place (the mix file goes: the default mixture is the sum of the
+    targets); returns bytes before and after."""
+    before = after = 0
+    for stem in sorted(corpus.glob("*/Track*/stems/*.flac")):
+        x, sr = sf.read(stem, dtype="float32")
+        ogg = stem.with_suffix(".ogg")
+        sf.write(ogg, x, sr, format="OGG", subtype="VORBIS", compression_level=quality)
+        before += stem.stat().st_size
+        after += ogg.stat().st_size
+        stem.unlink()
+    for mix in corpus.glob("*/Track*/mix.flac"):
+        before += mix.stat().st_size
+        mix.unlink()
+    return before, after
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="gpu_bundle")
+    ap.add_argument("--tracks", type=int, default=48)
+    ap.add_argument("--seconds", type=float, default=16.0)
+    ap.add_argument("--seed", type=int, default=21)
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+    out = Path(args.out)
+    corpus = out / "corpus"
+    if corpus.exists():
+        shutil.rmtree(corpus)
+    synthesize_corpus(corpus, args.tracks, args.seconds, args.seed, sample_rate=16000, workers=args.workers)
+    before, after = to_vorbis(corpus)
+    print(f"[bundle] corpus: {args.tracks} tracks x {args.seconds:g} s, FLAC {before / 2**20:.1f} MiB -> "
+          f"Vorbis {after / 2**20:.1f} MiB")
+    wheels = out / "wheels"
+    shutil.rmtree(wheels, ignore_errors=True)
+    pins = [f"{w}=={importlib.metadata.version(w)}" for w in WHEELS]
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "--python-version", "3.12", "--platform", "manylinux_2_28_x86_64", "-d", str(wheels), *pins],
+                   check=True)
+    size = sum(p.stat().st_size for p in wheels.iterdir())
+    print(f"[bundle] {len(list(wheels.iterdir()))} wheels, {size / 2**20:.1f} MiB: {', '.join(pins)}")
+    total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"[bundle] {out}: {total / 2**20:.1f} MiB in all")
+
+
+if __name__ == "__main__":
+    main()

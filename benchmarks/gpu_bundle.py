@@ -64,10 +64,18 @@ def main() -> None:
           f"Vorbis {after / 2**20:.1f} MiB")
     wheels = out / "wheels"
     shutil.rmtree(wheels, ignore_errors=True)
-    pins = [f"{w}=={importlib.metadata.version(w)}" for w in WHEELS]
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                    "--python-version", "3.12", "--platform", "manylinux_2_28_x86_64", "-d", str(wheels), *pins],
-                   check=True)
+    pins = []
+    for w in WHEELS:
+        # this machine's version when the index has its 3.12 wheel, else the newest it has
+        for spec in (f"{w}=={importlib.metadata.version(w)}", w):
+            done = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                                   "--python-version", "3.12", "--platform", "manylinux_2_28_x86_64",
+                                   "-d", str(wheels), spec], capture_output=True, text=True)
+            if done.returncode == 0:
+                pins.append(spec)
+                break
+        else:
+            raise SystemExit(f"gpu_bundle: error: no CPython 3.12 wheel of {w}: {done.stderr.strip().splitlines()[-1]}")
     size = sum(p.stat().st_size for p in wheels.iterdir())
     print(f"[bundle] {len(list(wheels.iterdir()))} wheels, {size / 2**20:.1f} MiB: {', '.join(pins)}")
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

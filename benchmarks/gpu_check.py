@@ -83,12 +83,17 @@ def step_speed(stage: str, cfg, manifest: dict, table, parent: Path | None, devi
     return row
 
 
+def _fmt(row: dict, key: str, spec: str) -> str:
+    return format(row[key], spec) if key in row else "–"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", required=True, help="Slakh-format corpus (benchmarks/gpu_bundle.py makes one)")
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"))
     ap.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "configs" / "gpu.yaml"))
     ap.add_argument("--steps", type=int, default=300, help="training steps per stage")
+    ap.add_argument("--batch-size", type=int, default=0, help="per-step batch (default: the config's)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="featurization processes")
     args = ap.parse_args()
@@ -122,6 +127,7 @@ def main() -> int:
         for k, v in settings.items():
             setattr(s, k, v)
         s.steps, s.checkpoint_every = args.steps, args.steps
+        s.batch_size = args.batch_size or s.batch_size
         name = run_name(stage, cfg)
         if parent and parent not in ckpts:
             report["failures"].append(f"{name}: parent {parent} failed")
@@ -171,8 +177,8 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for name, sp in report["speed"].items():
         print(f"| {name} | {report['stages'][name]['windows_per_s']:.0f} | {sp['windows_per_s']:.0f} | "
-              f"{sp['ms_per_step']:.1f} | {sp.get('peak_mem_gib', float('nan')):.2f} | "
-              f"{sp.get('host_share', float('nan')):.0%} |")
+              f"{sp['ms_per_step']:.1f} | {_fmt(sp, 'peak_mem_gib', '.2f')} | "
+              f"{_fmt(sp, 'host_share', '.0%')} |")
     print(f"[gpu_check] {len(report['stages'])}/{len(PLAN)} stages passed in {report['wall_s']:.0f} s"
           + (f"; FAILURES: {report['failures']}" if report["failures"] else ""))
     return 1 if report["failures"] else 0

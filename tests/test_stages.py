@@ -384,3 +384,21 @@ def test_gap_closed_is_left_out_when_the_gap_is_too_narrow():
     narrow = results_markdown(rows(1.2), [], ["bass", "piano"], "test", 4)
     assert "| separator[c+h] | 2.00 (2.00) | 2.00 (2.00) | 2.00 | – |" in narrow
     assert "0.20 dB above the mixture" in narrow and "%" not in narrow
+
+
+def test_seed_table_and_paper_ordering():
+    from wss_ray.evaluate import ordering_holds, seeds_markdown
+
+    def rows(**avg):
+        return [{"system": s, "instrument": i, "si_sdr_mean": v, "si_sdr_median": v, "n_chunks": 4}
+                for s, v in avg.items() for i in ("bass", "guitar", "piano")]
+
+    good = rows(mixture=-3.0, baseline=-1.0, **{"separator[c+h]": 0.0, "finetune[c+h]": 1.0,
+                                                "finetune[c+h+aml]": 1.5}, supervised=2.0)
+    bad = rows(mixture=-3.0, baseline=0.5, **{"separator[c+h]": 0.0, "finetune[c+h]": 1.0}, supervised=2.0)
+    assert ordering_holds(good) is True and ordering_holds(bad) is False
+    assert ordering_holds(rows(mixture=0.0, supervised=1.0)) is None
+    text, summary = seeds_markdown({0: good, 1: bad}, ["piano", "guitar", "bass"], "t")
+    # baseline: -1.0 and 0.5 -> mean -0.25, population std 0.75
+    assert "| baseline | -0.25 ± 0.75 | -0.25 ± 0.75 | -0.25 ± 0.75 | -0.25 ± 0.75 |" in text
+    assert summary["ordering_holds"] == {0: True, 1: False} and "seed 0 holds, seed 1 fails" in text

@@ -239,6 +239,9 @@ class PipelineConfig:
     finetune_variants: list[list[str]] = field(default_factory=lambda: [[]])
     eval_split: str = "test"
     examples: int = 2
+    # Excerpts of real compositions (`wss-ray data scores`, needs music21) rendered as a
+    # second test set and scored with the same checkpoints; 0 = none.
+    score_benchmark: int = 0
     # Stages swept with Ray Tune instead of trained once: stage -> search space YAML. A swept
     # separator/finetune replaces its variants list (put masks/adversarial in the space); the
     # best trial feeds the next stage and every trial becomes a row of the results table.

@@ -242,3 +242,48 @@ def results_markdown(rows: list[dict], trans: list[dict], insts: list[str], spli
             lines.append(f"| {s} | " + " | ".join(
                 f"{tb[(s, i)]['precision']:.2f}/{tb[(s, i)]['recall']:.2f}/{tb[(s, i)]['f1']:.2f}" for i in order) + " |")
     return "\n".join(lines) + "\n"
+
+
+# the paper's ordering, best first; "finetune" stands for the best fine-tuned row
+PAPER_ORDERING = ("supervised", "finetune", "separator[c+h]", "baseline", "mixture")
+
+
+def _avg(rows: list[dict], system: str) -> float:
+    v = [r["si_sdr_mean"] for r in rows if r["system"] == system]
+    return float(np.mean(v)) if v and not np.isnan(v).any() else float("nan")
+
+
+def ordering_holds(rows: list[dict]) -> bool | None:
+    """Whether the multi-source averages follow the paper's ordering (None: a row is missing)."""
+    systems = {r["system"] for r in rows}
+    fine = [s for s in systems if s.startswith("finetune")]
+    chain = [s if s != "finetune" else (max(fine, key=lambda f: _avg(rows, f)) if fine else None)
+             for s in PAPER_ORDERING]
+    if any(s is None or s not in systems for s in chain):
+        return None
+    avgs = [_avg(rows, s) for s in chain]
+    return all(a > b for a, b in zip(avgs, avgs[1:]))
+
+
+def seeds_markdown(per_seed: dict[int, list[dict]], insts: list[str], title: str) -> tuple[str, dict]:
+    """Mean ± standard deviation over seeds of each row's multi-source SI-SDR, and whether the
+    paper's ordering holds in each seed."""
+    order = [i for i in PAPER_ORDER if i in insts] + [i for i in insts if i not in PAPER_ORDER]
+    systems = list(dict.fromkeys(r["system"] for rows in per_seed.values() for r in rows))
+    lines = [f"{title}: mean ± std over seeds {sorted(per_seed)} (multi-source chunks)", "",
+             "| system | " + " | ".join(order) + " | avg |", "|" + "---|" * (len(order) + 2)]
+    summary: dict = {"seeds": sorted(per_seed), "rows": {}}
+    for s in systems:
+        cells, per_inst = [], {}
+        for i in order:
+            v = [r["si_sdr_mean"] for rows in per_seed.values() for r in rows if r["system"] == s and r["instrument"] == i]
+            per_inst[i] = v
+            cells.append(f"{np.mean(v):.2f} ± {np.std(v):.2f}" if v else "–")
+        avg = [_avg(rows, s) for rows in per_seed.values() if any(r["system"] == s for r in rows)]
+        summary["rows"][s] = {**per_inst, "avg": avg}
+        lines.append(f"| {s} | " + " | ".join(cells) + f" | {np.mean(avg):.2f} ± {np.std(avg):.2f} |")
+    holds = {seed: ordering_holds(rows) for seed, rows in per_seed.items()}
+    summary["ordering_holds"] = holds
+    lines += ["", "paper ordering (" + " > ".join(PAPER_ORDERING) + ") on the average: "
+              + ", ".join(f"seed {k} {'holds' if v else 'n/a' if v is None else 'fails'}" for k, v in holds.items())]
+    return "\n".join(lines) + "\n", summary

@@ -35,13 +35,35 @@ def prepare_data(cfg: Config, out: Path, log=print) -> Path:
     return features
 
 
-def run_pipeline(cfg: Config, out: str | Path, data: str | Path | None = None, log=print) -> list[dict]:
+def prepare_scores(cfg: Config, out: Path, log=print) -> Path | None:
+    """The real-composition test set (``pipeline.score_benchmark`` excerpts), featurized; None
+    (with a line saying why) when music21 is not installed."""
+    from wss_ray.data.featurize import featurize
+    from wss_ray.data.scores import render_score_corpus
+
+    try:
+        import music21  # noqa: F401
+    except ImportError:
+        log("[pipeline] score benchmark skipped: music21 is not installed (pip install 'wss-ray[bench]')")
+        return None
+    corpus, features = out / "scores_corpus", out / "scores_features"
+    s = cfg.synth
+    render_score_corpus(corpus, cfg.pipeline.score_benchmark, s.seconds, s.seed, soundfont=s.soundfont or None,
+                        sample_rate=s.sample_rate, workers=s.workers, log=log)
+    featurize(corpus, features, cfg.data, cfg.ray, log=log)
+    return features
+
+
+def run_pipeline(cfg: Config, out: str | Path, data: str | Path | None = None, log=print,
+                 scores_data: Path | None = None) -> list[dict]:
     from wss_ray.evaluate import evaluate
 
     t0 = time.time()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     features = Path(data).resolve() if data else prepare_data(cfg, out, log)
+    if cfg.pipeline.score_benchmark and scores_data is None:
+        scores_data = prepare_scores(cfg, out, log)
     wanted = set(cfg.pipeline.stages)
     trained: dict[str, Path] = {}
 
@@ -115,6 +137,48 @@ def run_pipeline(cfg: Config, out: str | Path, data: str | Path | None = None, l
             weak = [p for k, p in trained.items() if k.startswith(("finetune", "separator"))]
             plot_examples(str((weak or seps)[-1]), features, out / "results" / "plots",
                           split=cfg.pipeline.eval_split, n=cfg.pipeline.examples, log=log)
+        if scores_data is not None:
+            log("[pipeline] second test set: real compositions (music21 scores)")
+            evaluate(evaluated, scores_data, out / "results" / "scores", split="test", cfg=cfg, log=log)
     log(f"[pipeline] finished in {time.time() - t0:.0f} s; checkpoints in {out / 'checkpoints'}, "
         f"results in {out / 'results'} (results.md/.csv/.json, results.png, examples/ WAVs, plots/ PNGs)")
     return rows
+
+
+def run_seeds(cfg: Config, out: str | Path, seeds: int, data: str | Path | None = None, log=print) -> dict:
+    """The pipeline once per seed (``seed``, ``seed + 1``, ...) on the same data, each into
+    ``<out>/seed<k>``; then every row's mean ± std over seeds, and whether the paper's ordering
+    holds in each, in ``<out>/results_seeds.md`` / ``.json``."""
+    import json
+
+    from wss_ray.evaluate import rows_of, seeds_markdown
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    features = Path(data).resolve() if data else prepare_data(cfg, out, log)
+    scores = prepare_scores(cfg, out, log) if cfg.pipeline.score_benchmark else None
+    per_seed, per_seed_scores = {}, {}
+    for k in range(seeds):
+        v = copy.deepcopy(cfg)
+        v.seed = cfg.seed + k
+        log(f"[pipeline] seed {v.seed} ({k + 1}/{seeds})")
+        run_pipeline(v, out / f"seed{v.seed}", data=features, log=log, scores_data=scores)
+        res = out / f"seed{v.seed}" / "results"
+        per_seed[v.seed] = rows_of(json.loads((res / "results.json").read_text()))
+        if (res / "scores" / "results.json").is_file():
+            per_seed_scores[v.seed] = rows_of(json.loads((res / "scores" / "results.json").read_text()))
+    insts = cfg.data.instruments
+    text, summary = seeds_markdown(per_seed, insts, f"SI-SDR (dB) on {cfg.pipeline.eval_split}")
+    result = {"main": summary}
+    if per_seed_scores:
+        more, result["scores"] = seeds_markdown(per_seed_scores, insts, "SI-SDR (dB) on real compositions")
+        text += "\n" + more
+    tmp = out / ".results_seeds.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(out / "results_seeds.md")
+    tmp = out / ".results_seeds.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out / "results_seeds.json")
+    log(text)
+    log(f"[pipeline] {seeds} seeds: {out / 'results_seeds.md'}")
+    return result

@@ -113,12 +113,15 @@ def compose(seed: int, index: int, seconds: float) -> Song:
 
     names = list(PROGRAMS)
     present = set(names)
-    if rng.random() < 0.3:  # some tracks lack an instrument altogether, as in Slakh
+    if rng.random() < 0.15:  # some tracks lack an instrument altogether, as in Slakh
         present.discard(names[int(rng.integers(len(names)))])
-    # sections of 2 bars; an instrument rests in some, never all of them at once
+    # As in Slakh's multi-instrument songs the band mostly plays together (sections of 2 bars);
+    # an instrument may enter late (its first one or two sections silent) and rests now and then,
+    # never all at once.
+    entry = {n: int(rng.integers(1, 3)) if rng.random() < 0.2 else 0 for n in names}
     plays = {n: [] for n in names}
-    for s in range(0, n_bars, 2):
-        on = {n: n in present and rng.random() < 0.8 for n in names}
+    for i, s in enumerate(range(0, n_bars, 2)):
+        on = {n: n in present and i >= entry[n] and rng.random() < 0.95 for n in names}
         if not any(on.values()):
             on[sorted(present)[int(rng.integers(len(present)))]] = True
         for n in names:
@@ -293,8 +296,10 @@ def _loudness_db(x: np.ndarray) -> float:
 
 
 def make_track(out_dir: str, split: str, index: int, seed: int, seconds: float,
-               audio_format: str, soundfont_name: str) -> dict:
-    """Compose, write and render one track into <out>/<split>/TrackNNNNN (atomically)."""
+               audio_format: str, soundfont_name: str, composer: Callable[[int, int, float], Song] | None = None) -> dict:
+    """Compose (``composer(seed, index, seconds)``, default :func:`compose`), write and render
+    one track into <out>/<split>/TrackNNNNN (atomically). A part named ``guitar#2`` is a second
+    stem of the guitar target."""
     import pretty_midi
     import soundfile as sf
 
@@ -308,7 +313,7 @@ def make_track(out_dir: str, split: str, index: int, seed: int, seconds: float,
     (tmp / "stems").mkdir(parents=True)
     (tmp / "MIDI").mkdir()
 
-    song = compose(seed, index, seconds)
+    song = (composer or compose)(seed, index, seconds)
     synth_state = _new_synth()
     sr = synth_state[2]
     n = int(round(seconds * sr))
@@ -323,7 +328,7 @@ def make_track(out_dir: str, split: str, index: int, seed: int, seconds: float,
         # render what the file holds (tick-quantised), so score and audio agree exactly
         rendered = pretty_midi.PrettyMIDI(str(tmp / "MIDI" / f"{sid}.mid")).instruments[0]
         stems[sid] = render_instrument(synth_state, rendered, n)
-        cls = INSTRUMENT_CLASSES[inst_name][0]
+        cls = INSTRUMENT_CLASSES[inst_name.split("#")[0]][0]
         meta_stems[sid] = {
             "audio_rendered": True, "inst_class": cls, "integrated_loudness": 0.0,
             "is_drum": False, "midi_program_name": pretty_midi.program_to_instrument_name(inst.program),
@@ -372,6 +377,7 @@ def split_plan(tracks: int, fractions: list[float]) -> list[str]:
 def synthesize_corpus(out: str | Path, tracks: int, seconds: float, seed: int,
                       soundfont: str | None = None, sample_rate: int = 44100, workers: int = 2,
                       audio_format: str = "flac", splits: list[float] | None = None,
+                      composer: Callable[[int, int, float], Song] | None = None,
                       log: Callable[[str], None] = print) -> dict:
     """Write a Slakh-format corpus; finished tracks of an earlier run are kept."""
     if tracks <= 0 or seconds <= 0:
@@ -395,7 +401,7 @@ def synthesize_corpus(out: str | Path, tracks: int, seconds: float, seed: int,
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method),
                              initializer=_init_worker,
                              initargs=(str(sf2), sample_rate)) as pool:
-        futures = [pool.submit(make_track, str(out), split, i + 1, seed, seconds, audio_format, sf2.name)
+        futures = [pool.submit(make_track, str(out), split, i + 1, seed, seconds, audio_format, sf2.name, composer)
                    for i, split in enumerate(plan)]
         for fut in as_completed(futures):
             r = fut.result()

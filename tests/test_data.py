@@ -223,6 +223,11 @@ def _break(t: Path, how: str) -> str:
         x, sr = sf.read(t / "stems" / "S02.wav")
         sf.write(t / "stems" / "S02.wav", x, 22050)
         return "S02.wav"
+    if how == "nan_audio":
+        x, sr = sf.read(t / "stems" / "S00.wav", dtype="float32")
+        x[sr // 2] = np.nan   # a float WAV can hold NaN
+        sf.write(t / "stems" / "S00.wav", x, sr, subtype="FLOAT")
+        return "S00.wav: non-finite sample (NaN or Inf) at 0.500 s"
     if how == "unknown_class":
         meta = yaml.safe_load((t / "metadata.yaml").read_text())
         meta["stems"]["S04"]["inst_class"] = "Kazoo"
@@ -231,7 +236,7 @@ def _break(t: Path, how: str) -> str:
     raise AssertionError(how)
 
 
-BAD = ["corrupt_audio", "empty_midi", "missing_stems", "short_stem", "sample_rate", "unknown_class"]
+BAD = ["corrupt_audio", "empty_midi", "missing_stems", "short_stem", "sample_rate", "unknown_class", "nan_audio"]
 
 
 @pytest.mark.parametrize("how", BAD)

@@ -208,6 +208,21 @@ def test_bad_config_values_name_the_field(tmp_path):
     bad.write_text("ray:\n  workers: two\n")
     with pytest.raises(ConfigError, match="ray.workers: expected an integer"):
         load_config(bad)
+    # numbers parse as YAML 1.2 does: the CLI help's own example is a float, in --set and in files
+    assert load_config(None, ["stages.separator.lr=3e-4"]).stages["separator"].lr == 0.0003
+    good = tmp_path / "good.yaml"
+    good.write_text("stages:\n  separator: {lr: 1e-3, weight_decay: 2E-5}\n")
+    assert load_config(good).stages["separator"].weight_decay == 0.00002
+    for over, field in (("stages.separator.lr=.inf", "stages.separator.lr"),
+                        ("stages.separator.grad_clip=.inf", "stages.separator.grad_clip"),
+                        ("stages.finetune.weight_decay=.nan", "stages.finetune.weight_decay"),
+                        ("data.chunk_seconds=.inf", "data.chunk_seconds")):
+        with pytest.raises(ConfigError, match=f"{field}: must be a finite number"):
+            load_config(None, [over])
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage\x81")
+    with pytest.raises(ConfigError, match="binary.yaml: not valid YAML"):
+        load_config(binary)
 
 
 def test_separate_any_file_with_a_trained_checkpoint(tmp_path, pipeline_out):
@@ -402,3 +417,100 @@ def test_seed_table_and_paper_ordering():
     # baseline: -1.0 and 0.5 -> mean -0.25, population std 0.75
     assert "| baseline | -0.25 ± 0.75 | -0.25 ± 0.75 | -0.25 ± 0.75 | -0.25 ± 0.75 |" in text
     assert summary["ordering_holds"] == {0: True, 1: False} and "seed 0 holds, seed 1 fails" in text
+
+
+def test_export_half_precision_keeps_lineage_and_separates(pipeline_out, tmp_path, monkeypatch):
+    import numpy as np
+    import soundfile as sf
+    import torch
+
+    from wss_ray.checkpoint import export_model, load_checkpoint
+    from wss_ray.cli import main
+    from wss_ray.separate import Separator
+
+    src = pipeline_out / "checkpoints" / "finetune-c-h-aml-atl" / "checkpoint"
+    out = export_model(src, tmp_path / "default")
+    payload, meta = load_checkpoint(out)
+    assert sorted(payload["models"]) == ["separator", "transcriptor"] and payload["optim"] == {}
+    assert all(v.dtype == torch.float16 for m in payload["models"].values() for v in m["state"].values()
+               if v.is_floating_point())
+    assert meta["exported"]["from"] == str(src.resolve()) and meta["parents"] == read_meta(src)["parents"]
+    assert (out / "model.pt").stat().st_size < 0.6 * (src / "model.pt").stat().st_size
+    mix = torch.randn(2, 16000) * 0.1
+    full, half = Separator.from_checkpoint(src).separate_batch(mix), Separator.from_checkpoint(out).separate_batch(mix)
+    assert (full - half).abs().max() < 1e-2 * full.abs().max()
+    # `separate` without --checkpoint takes the shipped model ($WSS_RAY_MODEL points at this one)
+    monkeypatch.setenv("WSS_RAY_MODEL", str(out))
+    sf.write(tmp_path / "song.wav", np.asarray(mix[0]), 16000)
+    assert main(["separate", str(tmp_path / "song.wav"), "--out", str(tmp_path / "sep")]) == 0
+    assert sorted(p.name for p in (tmp_path / "sep" / "song").iterdir()) == [
+        "bass.wav", "guitar.wav", "piano.wav", "residual.wav"]
+    monkeypatch.setenv("WSS_RAY_MODEL", str(tmp_path / "nowhere"))
+    assert main(["separate", str(tmp_path / "song.wav"), "--out", str(tmp_path / "sep2")]) == 2
+
+
+def test_separate_refuses_what_would_come_out_wrong(pipeline_out, tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    from wss_ray.cli import main
+    from wss_ray.separate import Separator
+
+    ck = str(pipeline_out / "checkpoints" / "finetune-c-h-aml-atl" / "checkpoint")
+    x = (0.1 * np.sin(np.arange(16000) / 5)).astype(np.float32)
+    x[8000] = np.inf
+    sf.write(tmp_path / "inf.wav", x, 16000, subtype="FLOAT")
+    out = tmp_path / "out"
+    assert main(["separate", str(tmp_path / "inf.wav"), "--checkpoint", ck, "--out", str(out)]) == 2
+    assert not out.exists()                       # nothing left behind, not even an empty folder
+    sep = Separator.from_checkpoint(ck)
+    with pytest.raises(ValueError, match=r"non-finite sample \(NaN or Inf\) at 0.500 s"):
+        sep.separate(x, 16000)
+    with pytest.raises(ValueError, match="mono"):
+        sep.transcribe(np.zeros((2, 16000), np.float32), 16000)
+    # two inputs that would share one output folder
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    x[8000] = 0
+    sf.write(tmp_path / "a" / "song.wav", x, 16000)
+    sf.write(tmp_path / "b" / "song.flac", x, 16000)
+    assert main(["separate", str(tmp_path / "a" / "song.wav"), str(tmp_path / "b" / "song.flac"),
+                 "--checkpoint", ck, "--out", str(out)]) == 2
+    assert main(["separate", str(tmp_path / "a"), "--checkpoint", ck, "--out", str(out)]) == 2
+    assert not out.exists()
+
+
+def test_evaluate_refuses_nan_scores_and_non_tune_json(pipeline_out, features, tmp_path):
+    import torch
+
+    from wss_ray.checkpoint import load_checkpoint, save_checkpoint
+    from wss_ray.cli import main
+    from wss_ray.models import MaskSeparator
+
+    ck = pipeline_out / "checkpoints" / "separator-c-h" / "checkpoint"
+    (tmp_path / "any.json").write_text('{"hello": 1}')
+    out = tmp_path / "res"
+    assert main(["evaluate", str(tmp_path / "any.json"), "--data", str(features), "--out", str(out)]) == 2
+    # a diverged model: one NaN weight makes every estimate NaN; no average is printed around it
+    payload, meta = load_checkpoint(ck)
+    sep = MaskSeparator(**payload["models"]["separator"]["kwargs"])
+    sep.load_state_dict(payload["models"]["separator"]["state"])
+    with torch.no_grad():
+        sep.out.bias[0] = float("nan")
+    sep.init_kwargs = payload["models"]["separator"]["kwargs"]
+    save_checkpoint(tmp_path / "nan", {"separator": sep}, meta)
+    assert main(["evaluate", str(tmp_path / "nan"), "--data", str(features), "--out", str(out),
+                 "--examples", "2"]) == 2
+    assert not out.exists()
+
+
+def test_bad_arguments_are_refused_before_anything_starts(tmp_path, capsys):
+    from wss_ray.cli import main
+
+    for argv in (["separate", "x.wav", "--chunk-seconds", "nan"], ["separate", "x.wav", "--chunk-seconds", "inf"],
+                 ["separate", "x.wav", "--chunk-seconds", "1e8"], ["data", "featurize", "--slakh", str(tmp_path),
+                                                                   "--out", str(tmp_path / "f"), "--workers", "-2"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ("--chunk-seconds" in err or "--workers" in err)
+    assert not (tmp_path / "f").exists()

@@ -91,6 +91,45 @@ def build_model(payload: dict, name: str) -> nn.Module:
     return model
 
 
+# The model that ships with the repository (`wss-ray separate` without --checkpoint);
+# WSS_RAY_MODEL points elsewhere.
+SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
+
+
+def default_checkpoint() -> Path:
+    path = Path(os.environ.get("WSS_RAY_MODEL") or SHIPPED_MODEL)
+    if not (path / META_FILE).is_file():
+        raise CheckpointError(f"{path}: no shipped model there; pass --checkpoint (a separator, finetune, "
+                              "baseline or supervised checkpoint) or set WSS_RAY_MODEL")
+    return path
+
+
+def export_model(src: str | Path, out: str | Path, models: Iterable[str] = ("separator", "transcriptor"),
+                 note: dict | None = None) -> Path:
+    """A checkpoint for inference only: the named models' weights in float16 (half the bytes;
+    loading casts them back to the model's float32), no optimizer state, the source's meta with
+    an ``exported`` record (source, dtype, models, ``note``) so the lineage stays readable."""
+    payload, meta = load_checkpoint(src)
+    keep = [m for m in models if m in payload["models"]]
+    if "separator" not in keep:
+        raise CheckpointError(f"{src}: holds no separator to export (it has {sorted(payload['models'])})")
+    half = {name: {**payload["models"][name],
+                   "state": {k: v.half() if v.is_floating_point() else v
+                             for k, v in payload["models"][name]["state"].items()}} for name in keep}
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save({"models": half, "optim": {}}, tmp / MODEL_FILE)
+    meta = {**meta, "exported": {"from": str(Path(src).resolve()), "dtype": "float16", "models": keep,
+                                 "code_revision": code_revision(), **(note or {})}}
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
 def make_model(class_name: str, kwargs: dict) -> nn.Module:
     model = MODEL_CLASSES[class_name](**kwargs)
     model.init_kwargs = dict(kwargs)

@@ -117,8 +117,23 @@ def _cmd_pipeline(a) -> int:
     return 0
 
 
+def _cmd_export(a) -> int:
+    from wss_ray.checkpoint import export_model
+
+    path = export_model(a.checkpoint, a.out)
+    size = sum(p.stat().st_size for p in path.iterdir())
+    print(f"[export] {path} ({size / 2**20:.1f} MiB, float16)")
+    return 0
+
+
 def _cmd_separate(a) -> int:
+    import math
+
     from wss_ray.separate import separate_files
+
+    # checked before the checkpoint loads: a chunk is held in memory, an hour is plenty
+    if not (math.isfinite(a.chunk_seconds) and 0.1 <= a.chunk_seconds <= 3600):
+        raise ValueError(f"--chunk-seconds: need a number of seconds between 0.1 and 3600, got {a.chunk_seconds}")
 
     separate_files(a.audio, a.checkpoint, a.out, midi=a.midi, device=a.device, chunk_seconds=a.chunk_seconds)
     return 0
@@ -223,10 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(func=_cmd_pipeline)
 
+    p = sub.add_parser("export", help="an inference-only copy of a checkpoint: float16 weights of the separator "
+                                      "(and transcriptor), no optimizer state, lineage kept in meta.json")
+    p.add_argument("checkpoint", help="a separator, finetune, baseline or supervised checkpoint")
+    p.add_argument("--out", required=True, help="folder to write (e.g. models/default)")
+    p.set_defaults(func=_cmd_export)
+
     p = sub.add_parser("separate", help="separate (and transcribe) any audio file with a trained checkpoint")
     p.add_argument("audio", nargs="+", help="audio files (wav, flac, ogg, mp3, ...)")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint holding a separator")
-    p.add_argument("--out", required=True, help="output folder; one sub-folder per input")
+    p.add_argument("--checkpoint", help="a checkpoint holding a separator (default: the model shipped in "
+                                        "models/default, see the README)")
+    p.add_argument("--out", default="separated", help="output folder; one sub-folder per input (default separated)")
     p.add_argument("--midi", action="store_true", help="also write the transcription (needs a transcriptor)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs (default cpu)")
     p.add_argument("--chunk-seconds", type=float, default=10.0, help="processing chunk length (default 10)")
@@ -236,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    workers = getattr(args, "workers", 0)
+    if workers is not None and workers < 0:  # before anything (Ray, a checkpoint) starts
+        print(f"wss-ray: error: --workers: need a positive number, got {workers}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:

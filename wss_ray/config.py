@@ -6,6 +6,8 @@ Every error names the offending field by its dotted path, so a typo in a
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +21,22 @@ DEFAULT_INSTRUMENTS = ("piano", "guitar", "bass")
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML implements YAML 1.1, where ``3e-4`` (no dot) is a string; YAML 1.2 and every
+    user mean a float. The 1.2 core-schema float pattern is added to the safe loader."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12Loader)
 
 
 @dataclass
@@ -326,6 +344,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -380,7 +400,7 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
         if "=" not in pair:
             raise ConfigError(f"--set {pair!r}: expected key=value")
         key, raw = pair.split("=", 1)
-        _set_dotted(out, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        _set_dotted(out, key.strip(), yaml_load(raw) if raw.strip() else "")
     return out
 
 
@@ -397,8 +417,8 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, 
     if not p.is_file():
         raise ConfigError(f"{what} not found: {p}")
     try:
-        loaded = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
+        loaded = yaml_load(p.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from e
     if not isinstance(loaded, dict):
         raise ConfigError(f"{p}: top level must be a mapping")

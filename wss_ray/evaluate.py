@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -66,11 +67,28 @@ def expand_checkpoints(paths: list[str]) -> list[str]:
     for p in paths:
         record = Path(p) / "best.json" if Path(p).is_dir() else Path(p)
         if record.suffix == ".json" and record.is_file():
-            trials = json.loads(record.read_text()).get("trials", [])
-            out += [t["checkpoint"] for t in trials if t.get("status") == "ok" and t.get("checkpoint")]
+            try:
+                rec = json.loads(record.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{record}: not valid JSON ({e})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("trials"), list):
+                raise ValueError(f"{record}: not a Tune handoff record (no 'trials' list); pass a checkpoint "
+                                 "folder, a Tune experiment folder or its best.json")
+            ok = [t["checkpoint"] for t in rec["trials"] if t.get("status") == "ok" and t.get("checkpoint")]
+            if not ok:
+                raise ValueError(f"{record}: no trial finished with a checkpoint")
+            out += ok
         else:
             out.append(p)
     return out
+
+
+def batch_tracks(batch: dict, mask: torch.Tensor) -> str:
+    """Which chunks of a batch a mask selects, as words (track/chunk when the batch has them)."""
+    idx = torch.nonzero(mask).flatten().tolist()
+    if "track" in batch:
+        return ", ".join(f"{batch['track'][i]}#{int(batch['chunk'][i])}" for i in idx[:5])
+    return f"{len(idx)} chunk(s)"
 
 
 def table_rows(scores: dict, multi: dict, insts: list[str], only_multi: bool) -> list[dict]:
@@ -100,7 +118,24 @@ def evaluate(checkpoints: list[str], data: str | Path, out: str | Path, split: s
              cfg: Config | None = None, examples: int = 0, batch_size: int = 16, log=print,
              device: str = "cpu") -> list[dict]:
     """Score every checkpoint on ``split``; writes results.{md,csv,json,png} and the per-chunk
-    distribution plot; returns the multi-source table's rows."""
+    distribution plot; returns the multi-source table's rows. On failure nothing this call
+    created is left behind (folders, example WAVs)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    made = [d for d in (out / "examples", out, *out.parents) if not d.exists()]   # innermost first
+    try:
+        return _evaluate(checkpoints, data, out, split, examples, batch_size, log, device)
+    except BaseException:
+        if out / "examples" in made:
+            shutil.rmtree(out / "examples", ignore_errors=True)
+        for d in made:
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        raise
+
+
+def _evaluate(checkpoints, data, out: Path, split, examples, batch_size, log, device) -> list[dict]:
     import soundfile as sf
 
     manifest = load_manifest(data)
@@ -141,6 +176,10 @@ def evaluate(checkpoints: list[str], data: str | Path, out: str | Path, split: s
         rolls_ref.append(batch["roll"].numpy() > 0.5)
         for sysname, est in ests.items():
             sdr = si_sdr(est, refs)
+            if not torch.isfinite(sdr[audible]).all():
+                bad = batch_tracks(batch, (~torch.isfinite(sdr) & audible).any(dim=1))
+                raise ValueError(f"{sysname}: non-finite SI-SDR on {data}/{split} ({bad}): a NaN/Inf estimate or "
+                                 "reference; a mean around it would look valid, so nothing is reported")
             for k in range(len(insts)):
                 scores[sysname][k] += sdr[:, k][audible[:, k]].tolist()
         for i in range(min(ex_left, len(mix))):

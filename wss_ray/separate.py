@@ -251,7 +251,12 @@ class Separator:
         self.stft = STFT(self.n_fft, self.hop)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> Separator:
+    def from_checkpoint(cls, path: str | Path | None = None, device: str = "cpu") -> Separator:
+        """``path`` None: the shipped model (models/default, or $WSS_RAY_MODEL)."""
+        if path is None:
+            from wss_ray.checkpoint import default_checkpoint
+
+            path = default_checkpoint()
         payload, meta = load_checkpoint(path, stages=SEPARATOR_STAGES, purpose="separation")
         t = build_model(payload, "transcriptor") if "transcriptor" in payload["models"] else None
         return cls(build_model(payload, "separator"), meta, t, device)
@@ -301,6 +306,16 @@ class Separator:
         chunk = max(int(chunk_seconds * sr), 2 * self.hop)
         chunk -= chunk % 2
         fps = self.fps
+        where = getattr(reader, "path", reader.name)
+
+        def read(start: int, length: int) -> np.ndarray:
+            # one NaN or Inf would turn a whole chunk of every output into NaN: refuse it
+            seg = reader.read(start, length)
+            bad = np.flatnonzero(~np.isfinite(seg))
+            if len(bad):
+                raise ValueError(f"{where}: non-finite sample (NaN or Inf) at {(start + bad[0]) / sr:.3f} s; "
+                                 "separation needs finite audio")
+            return seg
 
         def fn(x_in: np.ndarray, start: int) -> torch.Tensor:
             x = resample(torch.as_tensor(np.ascontiguousarray(x_in, dtype=np.float32))[None], sr,
@@ -310,9 +325,9 @@ class Separator:
                 roll.place(self.transcribe_batch(x)[0].cpu().numpy(), start, chunk, n, sr, fps)
             return _fit(resample(est, self.sample_rate, sr), len(x_in))
 
-        for start, est in overlap_add_stream(fn, reader.read, n, chunk, progress):
+        for start, est in overlap_add_stream(fn, read, n, chunk, progress):
             if est.shape[1]:
-                yield start, est, reader.read(start, est.shape[1])
+                yield start, est, read(start, est.shape[1])
 
     def separate(self, waveform: torch.Tensor | np.ndarray, sample_rate: int, chunk_seconds: float = 10.0,
                  progress=None) -> dict[str, torch.Tensor]:
@@ -331,6 +346,8 @@ class Separator:
                    threshold: float = 0.5, min_seconds: float = 0.05):
         """Mono waveform -> pretty_midi.PrettyMIDI with one instrument track per separated instrument."""
         wave = np.asarray(waveform, dtype=np.float32)
+        if wave.ndim != 1:
+            raise ValueError(f"expected a mono waveform (L,), got shape {tuple(wave.shape)}")
         roll = RollCollector(threshold)
         for _ in self.stream(ArrayReader(wave, sample_rate), chunk_seconds, roll=roll):
             pass
@@ -348,7 +365,7 @@ class Separator:
         return midi
 
 
-def separate_files(paths: list[str], checkpoint: str, out: str, midi: bool = False, device: str = "cpu",
+def separate_files(paths: list[str], checkpoint: str | None, out: str, midi: bool = False, device: str = "cpu",
                    chunk_seconds: float = 10.0, log=print, progress_stream=None) -> list[Path]:
     """Separate each file into <out>/<file stem>/{instrument}.wav + residual.wav (+ transcription.mid),
     at the input's sample rate and length. Files appear only when complete (temp name, then rename)."""
@@ -356,7 +373,22 @@ def separate_files(paths: list[str], checkpoint: str, out: str, midi: bool = Fal
 
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
-        raise FileNotFoundError(f"{missing[0]}: no such audio file")
+        what = "a directory, not an audio file" if Path(missing[0]).is_dir() else "no such audio file"
+        raise FileNotFoundError(f"{missing[0]}: {what}")
+    seen: dict[str, str] = {}
+    for p in paths:  # one folder per input, named by the file's stem: two inputs must not share one
+        stem = Path(p).stem
+        if stem in seen:
+            raise ValueError(f"{p}: would write to the same output folder as {seen[stem]} "
+                             f"({Path(out) / stem}); separate them in two runs or rename one")
+        seen[stem] = p
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    if checkpoint is None:
+        from wss_ray.checkpoint import default_checkpoint
+
+        checkpoint = default_checkpoint()
+        log(f"[separate] model: {checkpoint} (the shipped model; --checkpoint for another)")
     sep = Separator.from_checkpoint(checkpoint, device)
     if midi:
         sep._need_transcriptor()
@@ -365,6 +397,7 @@ def separate_files(paths: list[str], checkpoint: str, out: str, midi: bool = Fal
         reader = open_audio(path)
         sr = reader.sample_rate
         folder = Path(out) / Path(path).stem
+        made = [d for d in (folder, *folder.parents) if not d.exists()]   # removed again on failure
         folder.mkdir(parents=True, exist_ok=True)
         names = sep.instruments + ["residual"]
         tmps = {name: folder / f".{name}.wav.tmp" for name in names}
@@ -384,6 +417,9 @@ def separate_files(paths: list[str], checkpoint: str, out: str, midi: bool = Fal
             for name in names:
                 sinks[name].close()
                 tmps[name].unlink(missing_ok=True)
+            for d in made:  # innermost first: only the folders this call created, and only if empty
+                if d.is_dir() and not any(d.iterdir()):
+                    d.rmdir()
             raise
         finally:
             if isinstance(reader, AudioReader):

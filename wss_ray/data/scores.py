@@ -61,13 +61,16 @@ def piece_parts(path: str) -> list[tuple[str, np.ndarray]]:
         raise ScoreCorpusError(f"music21 is not installed ({e}); `pip install 'wss-ray[bench]'`") from e
     import pretty_midi
 
-    score = corpus.parse(path)
-    with tempfile.TemporaryDirectory() as tmp:
-        mf = streamToMidiFile(score)
-        mf.open(f"{tmp}/piece.mid", "wb")
-        mf.write()
-        mf.close()
-        pm = pretty_midi.PrettyMIDI(f"{tmp}/piece.mid")
+    try:
+        score = corpus.parse(path)
+        with tempfile.TemporaryDirectory() as tmp:
+            mf = streamToMidiFile(score)
+            mf.open(f"{tmp}/piece.mid", "wb")
+            mf.write()
+            mf.close()
+            pm = pretty_midi.PrettyMIDI(f"{tmp}/piece.mid")
+    except Exception as e:  # music21 and pretty_midi raise many types; the piece is named, then skipped
+        raise ScoreCorpusError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
     parts = [np.array([(n.start, n.end, n.pitch, n.velocity) for n in inst.notes], float)
              for inst in pm.instruments if inst.notes and not inst.is_drum]
     if len(parts) < 2:
@@ -93,7 +96,11 @@ def excerpts(pieces: tuple[str, ...], n: int, seconds: float, per_piece: int = 2
     for path in pieces:
         if len(chosen) >= n:
             break
-        parts = piece_parts(path)
+        try:
+            parts = piece_parts(path)
+        except ScoreCorpusError as e:
+            log(f"[scores] skipped {e}")
+            continue
         end = max(p[:, 1].max() for _, p in parts)
         starts = np.arange(0.0, max(end - seconds, 0.0) + 1e-9, seconds)
         taken = 0

@@ -209,6 +209,9 @@ def read_audio(path: Path) -> tuple[np.ndarray, int]:
         raise SlakhError(f"{path}: unreadable audio ({e})") from e
     if data.shape[0] == 0:
         raise SlakhError(f"{path}: audio file is empty")
+    bad = np.flatnonzero(~np.isfinite(data).all(axis=1))
+    if len(bad):  # a float file can hold NaN/Inf; it would poison every chunk it reaches
+        raise SlakhError(f"{path}: non-finite sample (NaN or Inf) at {bad[0] / sr:.3f} s")
     return data.mean(axis=1), int(sr)
 
 

@@ -117,3 +117,50 @@ def test_ray_training_reader_draws_windows_and_validation_does_not(features, ray
     np.testing.assert_array_equal(np.asarray(row["mix"]), audio[row["start"]:row["start"] + L])
     val = weak_dataset(features, "validation").take_all()
     assert all(r["start"] % L == 0 for r in val)
+
+
+def test_broken_checkpoints_are_named_not_traced(tmp_path, capsys):
+    import json
+
+    import soundfile as sf
+
+    from wss_ray.checkpoint import make_model, save_checkpoint
+    from wss_ray.cli import main
+
+    sep = make_model("MaskSeparator", {"n_bins": 513, "n_sources": 3, "hidden": 8, "layers": 1})
+    meta = {"stage": "separator", "variant": "c+h", "instruments": ["piano", "guitar", "bass"],
+            "signal": {"sample_rate": 16000, "n_fft": 1024, "hop": 256, "pitch_min": 21, "pitch_max": 108}}
+    good = save_checkpoint(tmp_path / "good", {"separator": sep}, meta)
+    sf.write(tmp_path / "song.wav", np.zeros(8000, np.float32), 16000)
+
+    def run(ck) -> str:
+        code = main(["separate", str(tmp_path / "song.wav"), "--checkpoint", str(ck), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        return err
+
+    assert main(["separate", str(tmp_path / "song.wav"), "--checkpoint", str(good), "--out", str(tmp_path / "o")]) == 0
+    import shutil
+
+    for name, damage, words in (
+            ("text", lambda d: (d / "model.pt").write_text("not a model"), "model.pt: not a readable"),
+            ("truncated", lambda d: (d / "model.pt").write_bytes((good / "model.pt").read_bytes()[:300]),
+             "model.pt: not a readable"),
+            ("badjson", lambda d: (d / "meta.json").write_text("{nope"), "meta.json: not valid JSON"),
+            ("noconfig", lambda d: (d / "meta.json").write_text(json.dumps({"stage": "separator"})),
+             "meta.json lacks the signal settings")):
+        ck = tmp_path / name
+        shutil.copytree(good, ck)
+        damage(ck)
+        assert words in run(ck)
+
+
+def test_training_refuses_a_config_that_disagrees_with_the_features(features, small_cfg, tmp_path):
+    import copy
+
+    from wss_ray.config import ConfigError
+
+    cfg = copy.deepcopy(small_cfg)
+    cfg.data.sample_rate = 22050
+    with pytest.raises(ConfigError, match="data.sample_rate: the config says 22050, the features .* 16000"):
+        train_local("transcriptor", cfg, features, tmp_path / "t")

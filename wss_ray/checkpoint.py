@@ -53,7 +53,7 @@ def save_checkpoint(path: str | Path, models: dict[str, nn.Module], meta: dict,
         "optim": {name: o.state_dict() for name, o in (optimizers or {}).items()},
     }
     torch.save(payload, tmp / MODEL_FILE)
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+    (tmp / META_FILE).write_text(json.dumps({k: v for k, v in meta.items() if k != "_path"}, indent=2, default=str))
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
@@ -64,7 +64,14 @@ def read_meta(path: str | Path) -> dict:
     p = Path(path) / META_FILE
     if not p.is_file():
         raise CheckpointError(f"{path}: not a wss-ray checkpoint (no {META_FILE})")
-    return json.loads(p.read_text())
+    try:
+        meta = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{p}: not a checkpoint's meta (a JSON object expected)")
+    meta["_path"] = str(path)
+    return meta
 
 
 def load_checkpoint(path: str | Path, stages: Iterable[str] | None = None,
@@ -78,7 +85,16 @@ def load_checkpoint(path: str | Path, stages: Iterable[str] | None = None,
     if instruments is not None and meta.get("instruments") != list(instruments):
         raise CheckpointError(f"{path}: trained on instruments {meta.get('instruments')}, the data has "
                               f"{list(instruments)}")
-    payload = torch.load(Path(path) / MODEL_FILE, map_location="cpu", weights_only=True)
+    model_file = Path(path) / MODEL_FILE
+    try:
+        payload = torch.load(model_file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{model_file}: missing") from None
+    except Exception as e:  # truncated or foreign files raise pickle, zip and torch errors alike
+        raise CheckpointError(f"{model_file}: not a readable wss-ray model file "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("models"), dict):
+        raise CheckpointError(f"{model_file}: not a wss-ray model file (no 'models')")
     return payload, meta
 
 
@@ -123,7 +139,7 @@ def export_model(src: str | Path, out: str | Path, models: Iterable[str] = ("sep
     torch.save({"models": half, "optim": {}}, tmp / MODEL_FILE)
     meta = {**meta, "exported": {"from": str(Path(src).resolve()), "dtype": "float16", "models": keep,
                                  "code_revision": code_revision(), **(note or {})}}
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+    (tmp / META_FILE).write_text(json.dumps({k: v for k, v in meta.items() if k != "_path"}, indent=2, default=str))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

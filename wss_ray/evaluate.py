@@ -145,6 +145,10 @@ def _evaluate(checkpoints, data, out: Path, split, examples, batch_size, log, de
     for c, s in zip(checkpoints, seps):
         if s.instruments != insts:
             raise ValueError(f"{c}: trained on {s.instruments}, the data has {insts}")
+        for key in ("sample_rate", "n_fft", "hop", "pitch_min"):
+            if getattr(s, key) != manifest[key]:
+                raise ValueError(f"{c}: trained with {key}={getattr(s, key)}, the features in {data} have "
+                                 f"{manifest[key]}")
     names, seen = [], {}
     for s in seps:
         n = s.system

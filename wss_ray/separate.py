@@ -239,10 +239,16 @@ class Separator:
 
     def __init__(self, separator, meta: dict, transcriptor=None, device: str = "cpu"):
         self.meta = meta
-        data = meta["config"]["data"]
-        self.sample_rate, self.n_fft, self.hop = data["sample_rate"], data["n_fft"], data["hop"]
-        self.instruments = list(meta["instruments"])
-        self.pitch_min = data["pitch_min"]
+        # the signal settings the model was trained with: the data manifest's, recorded in the
+        # checkpoint (older checkpoints: the config's data section, which matched it)
+        data = meta.get("signal") or (meta.get("config") or {}).get("data")
+        try:
+            self.sample_rate, self.n_fft, self.hop = int(data["sample_rate"]), int(data["n_fft"]), int(data["hop"])
+            self.pitch_min = int(data["pitch_min"])
+            self.instruments = list(meta["instruments"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{meta.get('_path', 'checkpoint')}: meta.json lacks the signal settings "
+                                  "(signal or config.data: sample_rate, n_fft, hop, pitch_min) or instruments") from None
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda: no CUDA GPU is visible to torch")

@@ -235,6 +235,7 @@ def build_trainer(stage: str, cfg: Config, data: str | Path, parent: str | None,
     recipe = RECIPES[stage]
     data = Path(data).resolve()
     manifest = load_manifest(data)
+    check_signal(cfg, manifest, data)
     parent_path = check_parent(stage, parent, manifest)
     open_split = supervised_dataset if recipe.needs_stems else weak_dataset
     scfg = cfg.stages[stage]
@@ -277,6 +278,22 @@ def build_trainer(stage: str, cfg: Config, data: str | Path, parent: str | None,
     )
 
 
+# what inference must reproduce exactly: taken from the data manifest into every checkpoint
+SIGNAL_KEYS = ("sample_rate", "n_fft", "hop", "pitch_min", "pitch_max", "chunk_samples", "instruments")
+
+
+def check_signal(cfg: Config, manifest: dict, data: Path) -> None:
+    """Training reads its signal settings from the manifest; a config that says otherwise
+    (features made with another sample rate, say) is refused rather than half-applied."""
+    from wss_ray.config import ConfigError
+
+    for key in ("sample_rate", "n_fft", "hop", "pitch_min", "pitch_max", "instruments"):
+        want, have = getattr(cfg.data, key), manifest.get(key)
+        if (list(want) if key == "instruments" else want) != have:
+            raise ConfigError(f"data.{key}: the config says {want!r}, the features in {data} were made with "
+                              f"{have!r}; use the config they were made with or featurize again")
+
+
 def validation_split(data: Path) -> str:
     return "validation" if (data / "validation" / "features").is_dir() else "train"
 
@@ -286,6 +303,7 @@ def stage_meta(stage: str, cfg: Config, data: Path, manifest: dict, parent_path:
     """Lineage of a stage checkpoint: config, parent, data fingerprint, code revision."""
     recipe = RECIPES[stage]
     return {"stage": stage, "variant": recipe.variant(cfg.stages[stage]), "config": cfg.to_dict(),
+            "signal": {k: manifest[k] for k in SIGNAL_KEYS},
             "parents": [parent_path] if parent_path else [], "data_fingerprint": manifest["fingerprint"],
             "data": str(data), "instruments": manifest["instruments"], "code_revision": code_revision(),
             "val_metric": recipe.val_metric, "val_mode": recipe.val_mode, **(extra or {})}
@@ -302,6 +320,7 @@ def train_local(stage: str, cfg: Config, data: str | Path, out: str | Path, pare
     recipe = RECIPES[stage]
     data = Path(data).resolve()
     manifest = load_manifest(data)
+    check_signal(cfg, manifest, data)
     parent_path = check_parent(stage, parent, manifest)
     s = cfg.stages[stage]
     device = torch.device(device)
@@ -370,7 +389,13 @@ def train_stage(stage: str, cfg: Config, data: str | Path, out: str | Path | Non
     name = run_name(stage, cfg)
     out = Path(out or Path("runs") / name).resolve()
     storage = cfg.ray.storage or str(out / "ray")
-    check_parent(stage, parent, load_manifest(data))  # fail before Ray starts
+    manifest = load_manifest(data)
+    check_signal(cfg, manifest, Path(data))  # fail before Ray starts
+    check_parent(stage, parent, manifest)
+    rows = manifest["splits"].get("train", {}).get("chunks", 0)
+    if rows < cfg.stages[stage].batch_size * cfg.ray.workers:
+        raise ValueError(f"{data}: the train split has {rows} chunks, fewer than batch_size x workers = "
+                         f"{cfg.stages[stage].batch_size} x {cfg.ray.workers}")
     ensure_ray(cfg.ray)
     trainer = build_trainer(stage, cfg, data, parent, name, storage, tensorboard=str(out / "tensorboard"),
                             fail_once_at=fail_once_at, fail_marker=fail_marker, log=log)

@@ -9,6 +9,7 @@ upper bound and for evaluation. Both yield Arrow batches that :func:`to_tensors`
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from pathlib import Path
 from typing import Iterator
@@ -51,6 +52,8 @@ def feature_files(data_dir: str | Path, split: str) -> list[str]:
 
 # Splits up to this size are held in Ray's object store once and replayed for every epoch.
 MATERIALIZE_BYTES = 2 << 30
+# Random-offset versions of each chunk drawn once and replayed (see _passes).
+WINDOW_COPIES = 8
 
 
 def weak_dataset(data_dir: str | Path, split: str, repeat: int = 1, seed: int | None = None,
@@ -76,10 +79,11 @@ def _passes(data_dir: str | Path, split: str, repeat: int, seed: int | None, att
         ds = ray.data.read_parquet(paths, file_extensions=["parquet"])
         return ds.map_batches(attach, batch_format="pyarrow", zero_copy_batch=True) if attach else ds
 
-    def windowed(ds, pass_seed: int):
+    def windowed(ds, window_seed: int, copies: int = 1):
         # a whole block per call: a block holds whole tracks (one shard each), so a chunk finds
         # its successor; one at a block edge keeps offset 0
-        return ds.map_batches(_Windows(manifest, pass_seed), batch_size=None, batch_format="pyarrow") if windows else ds
+        return ds.map_batches(_Windows(manifest, window_seed, copies), batch_size=None,
+                              batch_format="pyarrow") if windows else ds
 
     rng = np.random.default_rng(seed)
     if repeat <= 1:
@@ -87,14 +91,20 @@ def _passes(data_dir: str | Path, split: str, repeat: int, seed: int | None, att
     size = sum(Path(f).stat().st_size for f in files) * 3  # parquet (zstd) -> arrow in memory, roughly
     if attach:
         size *= len(manifest["instruments"]) + 1
-    if size < MATERIALIZE_BYTES:
-        once = read(files).materialize()  # stems (if any) attached once, not per pass
-        passes = [windowed(once.randomize_block_order(seed=int(rng.integers(1 << 31))), int(rng.integers(1 << 31)))
-                  for _ in range(repeat)]
+    copies = min(WINDOW_COPIES, repeat) if windows else 1
+    if size * copies < MATERIALIZE_BYTES:
+        # Read once (stems, if any, attached once), windows drawn once, ``copies`` per chunk
+        # (each with its own offsets, each in its own block), held in the object store and
+        # replayed in a new block order per pass. A windows operator per pass instead would put
+        # one Ray Data operator per epoch into the stream, and on 2 cores the executor's
+        # bookkeeping for ~70 of them cost more than the training step.
+        once = windowed(read(files), int(rng.integers(1 << 31)), copies).materialize()
+        passes = [once.randomize_block_order(seed=int(rng.integers(1 << 31)))
+                  for _ in range(math.ceil(repeat / copies))]
     else:
         passes = [windowed(read([files[i] for i in rng.permutation(len(files))]), int(rng.integers(1 << 31)))
                   for _ in range(repeat)]
-    return passes[0].union(*passes[1:])
+    return passes[0].union(*passes[1:]) if len(passes) > 1 else passes[0]
 
 
 def random_windows(table: pa.Table, manifest: dict, rng: np.random.Generator) -> pa.Table:
@@ -149,14 +159,19 @@ def _fixed_array(values: np.ndarray, size: int, typ: pa.DataType) -> pa.Array:
 
 
 class _Windows:
-    def __init__(self, manifest: dict, seed: int):
-        self.manifest, self.seed = manifest, seed
+    """Ray Data UDF: ``copies`` random-window versions of a block, each yielded as its own
+    block (so a block-order shuffle separates the copies of a chunk)."""
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        # one stream per block of this pass, from the pass's seed and the block's first track:
-        # the same offsets whichever worker runs the block
-        key = batch.column("track")[0].as_py() if batch.num_rows else ""
-        return random_windows(batch, self.manifest, np.random.default_rng([self.seed, zlib.crc32(key.encode())]))
+    def __init__(self, manifest: dict, seed: int, copies: int = 1):
+        self.manifest, self.seed, self.copies = manifest, seed, copies
+
+    def __call__(self, batch: pa.Table):
+        # offsets from the seed, the block's first track and the copy: the same whichever
+        # worker runs the block
+        key = zlib.crc32((batch.column("track")[0].as_py() if batch.num_rows else "").encode())
+        for c in range(self.copies):
+            yield random_windows(batch, self.manifest, np.random.default_rng([self.seed, key, c]))
+
 
 
 def _stems_for(data_dir: str, split: str, table: pa.Table) -> pa.Table:

@@ -514,3 +514,15 @@ def test_bad_arguments_are_refused_before_anything_starts(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and ("--chunk-seconds" in err or "--workers" in err)
     assert not (tmp_path / "f").exists()
+    import numpy as np
+    import soundfile as sf
+
+    sf.write(tmp_path / "song.wav", np.zeros(1600, np.float32), 16000)
+    (tmp_path / "afile").write_text("x")
+    for argv in (["separate", str(tmp_path / "song.wav"), "--checkpoint", str(tmp_path), "--out", str(tmp_path / "afile")],
+                 ["evaluate", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "afile")],
+                 ["data", "featurize", "--slakh", str(tmp_path), "--out", str(tmp_path / "afile")],
+                 ["separate", str(tmp_path / ("x" * 300 + ".wav")), "--checkpoint", str(tmp_path), "--out", "o"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ("afile" in err or "xxxx" in err), err

@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+    except (ConfigError, OSError, ValueError, RuntimeError) as e:  # OSError: a name too long, a full disk
         print(f"wss-ray: error: {e}", file=sys.stderr)
         return 2
 

@@ -310,6 +310,8 @@ class Separator:
         if chunk_seconds <= 0:
             raise ValueError(f"chunk_seconds must be positive, got {chunk_seconds}")
         chunk = max(int(chunk_seconds * sr), 2 * self.hop)
+        # a clip shorter than a chunk is processed at its own length, not padded to a chunk
+        chunk = min(chunk, max(n + n % 2, 2 * self.hop))
         chunk -= chunk % 2
         fps = self.fps
         where = getattr(reader, "path", reader.name)
@@ -443,5 +445,5 @@ def separate_files(paths: list[str], checkpoint: str | None, out: str, midi: boo
             written.append(target)
         took = time.perf_counter() - t0
         log(f"[separate] {path} -> {folder} ({', '.join(names)}{', transcription.mid' if midi else ''}; "
-            f"{seconds:.1f} s of audio in {took:.1f} s, {seconds / max(took, 1e-9):.0f}x realtime)")
+            f"{seconds:.1f} s of audio in {took:.1f} s, {seconds / max(took, 1e-9):.3g}x realtime)")
     return written

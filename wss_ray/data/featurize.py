@@ -176,6 +176,8 @@ def featurize(slakh: str | Path, out: str | Path, cfg: DataConfig, ray_cfg: RayC
     ``engine``: "ray" (Ray Data tasks, local instance or cluster) or "local" (a process pool
     of ``cfg.workers``, for machines without Ray); both write the same shards."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
     tracks = list_tracks(slakh)
     out.mkdir(parents=True, exist_ok=True)
     _check_existing(out, cfg)

@@ -33,7 +33,7 @@ from wss_ray.checkpoint import load_checkpoint  # noqa: E402
 from wss_ray.config import load_config  # noqa: E402
 from wss_ray.data.dataset import iter_table, load_manifest, load_split  # noqa: E402
 from wss_ray.stages import RECIPES  # noqa: E402
-from wss_ray.stages.base import StepContext  # noqa: E402
+from wss_ray.stages.base import StepContext, critic_mode  # noqa: E402
 from wss_ray.stages.runner import run_name, to_device, train_local  # noqa: E402
 
 # (stage, variant settings, parent run)
@@ -51,8 +51,8 @@ def step_speed(stage: str, cfg, manifest: dict, table, parent: Path | None, devi
     torch.manual_seed(cfg.seed)
     ctx = StepContext(cfg, s, manifest, device, load_checkpoint(parent)[0] if parent else None)
     models = {n: m.to(device) for n, m in recipe.build(ctx).items()}
-    for n, m in models.items():
-        m.train(any(p.requires_grad for p in m.parameters()))
+    for n, m in models.items():  # as the runner does: trainables in train mode, frozen critics in critic mode
+        m.train() if any(p.requires_grad for p in m.parameters()) else critic_mode(m)
     opts = recipe.optimizers(models, ctx)
     batch = to_device(next(iter_table(table, manifest, s.batch_size, shuffle_seed=0, drop_last=True)), device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -91,6 +91,23 @@ def test_fixtures_are_the_real_form():
     assert [k for k, s in redux["stems"].items() if not s["audio_rendered"]] == ["S06"]
 
 
+def test_flat_corpus_splits_and_a_grown_corpus_is_refused(tmp_path, ray_local, data_cfg, soundfont):
+    from wss_ray.data.slakh import flat_splits
+
+    names = [Path(f"Track{i:05d}") for i in range(20, 0, -1)]
+    got = flat_splits(names)
+    assert [s for s, _ in got] == ["train"] * 14 + ["validation"] * 3 + ["test"] * 3     # BabySlakh's 20
+    assert [t.name for s, t in got if s == "test"] == ["Track00018", "Track00019", "Track00020"]
+    # featurized, then the flat folder grows: a track whose split would change is refused by name
+    root = tmp_path / "flat"
+    for i in (1, 2, 3, 4, 5, 6, 7):
+        render_track(FIXTURES / "babyslakh_16k" / "Track00001", root / f"Track{i:05d}", 16000, "wav", soundfont)
+    featurize(root, tmp_path / "feat", data_cfg, log=lambda line: None)
+    render_track(FIXTURES / "babyslakh_16k" / "Track00001", root / "Track00008", 16000, "wav", soundfont)
+    with pytest.raises(ValueError, match="Track00006: the corpus puts this track in 'train', the features .* 'validation'"):
+        featurize(root, tmp_path / "feat", data_cfg, log=lambda line: None)
+
+
 def test_both_flavours_are_recognised(real_layouts):
     assert [(s, t.name) for s, t in list_tracks(real_layouts["baby"])] == [("train", "Track00001")]
     assert sorted((s, t.name) for s, t in list_tracks(real_layouts["redux"])) == [

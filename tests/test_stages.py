@@ -414,9 +414,14 @@ def test_seed_table_and_paper_ordering():
     assert ordering_holds(good) is True and ordering_holds(bad) is False
     assert ordering_holds(rows(mixture=0.0, supervised=1.0)) is None
     text, summary = seeds_markdown({0: good, 1: bad}, ["piano", "guitar", "bass"], "t")
-    # baseline: -1.0 and 0.5 -> mean -0.25, population std 0.75
-    assert "| baseline | -0.25 ± 0.75 | -0.25 ± 0.75 | -0.25 ± 0.75 | -0.25 ± 0.75 |" in text
+    # baseline: -1.0 and 0.5 -> mean -0.25, sample std sqrt(((-0.75)^2 + 0.75^2) / 1) = 1.0607
+    assert "| baseline | -0.25 ± 1.06 | -0.25 ± 1.06 | -0.25 ± 1.06 | -0.25 ± 1.06 |" in text
     assert summary["ordering_holds"] == {0: True, 1: False} and "seed 0 holds, seed 1 fails" in text
+    # an instrument with no multi-source chunk (NaN) is left out of a row's average, as in the table
+    holey = [dict(r, si_sdr_mean=float("nan")) if r["instrument"] == "piano" else r for r in good]
+    assert ordering_holds(holey) is True
+    empty = [dict(r, si_sdr_mean=float("nan")) for r in good]
+    assert ordering_holds(empty) is None
 
 
 def test_export_half_precision_keeps_lineage_and_separates(pipeline_out, tmp_path, monkeypatch):

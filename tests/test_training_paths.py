@@ -50,6 +50,20 @@ def test_every_stage_trains_in_the_plain_loop_under_the_cudnn_rule(features, sma
         assert meta["step"] == 2 and meta["stage"] == stage and meta["trained_by"] == "train_local"
         assert meta["parents"] == ([str(ckpt[parent].resolve())] if parent else [])
         assert np.isfinite(meta["metrics"]["loss"])
+    # the GPU check's step timer sets modes as the runner does (a frozen critic in eval mode
+    # would break on CUDA)
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parent.parent / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    from wss_ray.data.dataset import load_split
+
+    for stage, parent in (("separator", "transcriptor"), ("baseline", "classifier")):
+        row = gpu_check.step_speed(stage, cfg, load_manifest(features), load_split(features, "train"), ckpt[parent],
+                                   torch.device("cpu"), steps=2, warmup=1)
+        assert row["windows_per_s"] > 0
     # a frozen critic is never stepped: the separator stage hands its parent's transcriptor on as is
     before = load_checkpoint(ckpt["transcriptor"])[0]["models"]["transcriptor"]["state"]
     after = load_checkpoint(ckpt["separator"])[0]["models"]["transcriptor"]["state"]
@@ -117,6 +131,20 @@ def test_ray_training_reader_draws_windows_and_validation_does_not(features, ray
     np.testing.assert_array_equal(np.asarray(row["mix"]), audio[row["start"]:row["start"] + L])
     val = weak_dataset(features, "validation").take_all()
     assert all(r["start"] % L == 0 for r in val)
+    # the copies of a chunk are spread over the stream, not served back to back
+    stream = weak_dataset(features, "train", repeat=8, seed=1, windows=True).take_all()
+    tracks = [r["track"] for r in stream]
+    assert len(tracks) == 8 * len(rows) // 2
+    runs, n = [], 1
+    for a, b in zip(tracks, tracks[1:]):
+        if a == b:
+            n += 1
+        else:
+            runs.append(n)
+            n = 1
+    per_track = max(r["chunk"] for r in stream) + 1
+    # a run is one track's block; the 8 copies of a track served together would make runs of 8 blocks
+    assert np.median(runs + [n]) <= 2 * per_track, (np.median(runs), per_track)
 
 
 def test_broken_checkpoints_are_named_not_traced(tmp_path, capsys):

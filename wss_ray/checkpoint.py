@@ -133,16 +133,24 @@ def export_model(src: str | Path, out: str | Path, models: Iterable[str] = ("sep
                    "state": {k: v.half() if v.is_floating_point() else v
                              for k, v in payload["models"][name]["state"].items()}} for name in keep}
     out = Path(out)
+    if out.exists() and not (out.is_dir() and (out / META_FILE).is_file()):
+        raise CheckpointError(f"--out {out}: exists and is not a checkpoint folder; it would be replaced")
+    if Path(src).resolve().is_relative_to(out.resolve()):
+        raise CheckpointError(f"--out {out}: holds the source checkpoint {src}")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save({"models": half, "optim": {}}, tmp / MODEL_FILE)
-    meta = {**meta, "exported": {"from": str(Path(src).resolve()), "dtype": "float16", "models": keep,
-                                 "code_revision": code_revision(), **(note or {})}}
-    (tmp / META_FILE).write_text(json.dumps({k: v for k, v in meta.items() if k != "_path"}, indent=2, default=str))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        tmp.mkdir(parents=True)
+        torch.save({"models": half, "optim": {}}, tmp / MODEL_FILE)
+        meta = {**meta, "exported": {"from": str(Path(src).resolve()), "dtype": "float16", "models": keep,
+                                     "code_revision": code_revision(), **(note or {})}}
+        (tmp / META_FILE).write_text(json.dumps({k: v for k, v in meta.items() if k != "_path"}, indent=2,
+                                                default=str))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -11,6 +11,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML preset (configs/*.yaml); defaults apply when omitted")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting, e.g. --set stages.separator.lr=3e-4 (repeatable)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own logs (workers, Train, Data) here instead of only in Ray's log files")
 
 
 def _cmd_synth(a) -> int:
@@ -258,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        import os
+
+        from wss_ray.ray_session import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
     workers = getattr(args, "workers", 0)
     if workers is not None and workers < 0:  # before anything (Ray, a checkpoint) starts
         print(f"wss-ray: error: --workers: need a positive number, got {workers}", file=sys.stderr)

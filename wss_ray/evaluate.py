@@ -292,19 +292,33 @@ PAPER_ORDERING = ("supervised", "finetune", "separator[c+h]", "baseline", "mixtu
 
 
 def _avg(rows: list[dict], system: str) -> float:
+    """A row's average over instruments, as the results table computes it (instruments with no
+    multi-source chunk left out)."""
     v = [r["si_sdr_mean"] for r in rows if r["system"] == system]
-    return float(np.mean(v)) if v and not np.isnan(v).any() else float("nan")
+    return float(np.nanmean(v)) if v and not np.isnan(v).all() else float("nan")
+
+
+def _spread(v: list[float]) -> str:
+    """mean ± sample standard deviation (ddof=1: with 2-3 seeds the population figure
+    understates the spread)."""
+    v = [x for x in v if not np.isnan(x)]
+    if not v:
+        return "–"
+    return f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
 
 
 def ordering_holds(rows: list[dict]) -> bool | None:
     """Whether the multi-source averages follow the paper's ordering (None: a row is missing)."""
     systems = {r["system"] for r in rows}
     fine = [s for s in systems if s.startswith("finetune")]
-    chain = [s if s != "finetune" else (max(fine, key=lambda f: _avg(rows, f)) if fine else None)
+    finite = [f for f in fine if not np.isnan(_avg(rows, f))]
+    chain = [s if s != "finetune" else (max(finite, key=lambda f: _avg(rows, f)) if finite else None)
              for s in PAPER_ORDERING]
     if any(s is None or s not in systems for s in chain):
         return None
     avgs = [_avg(rows, s) for s in chain]
+    if np.isnan(avgs).any():
+        return None
     return all(a > b for a, b in zip(avgs, avgs[1:]))
 
 
@@ -313,7 +327,7 @@ def seeds_markdown(per_seed: dict[int, list[dict]], insts: list[str], title: str
     paper's ordering holds in each seed."""
     order = [i for i in PAPER_ORDER if i in insts] + [i for i in insts if i not in PAPER_ORDER]
     systems = list(dict.fromkeys(r["system"] for rows in per_seed.values() for r in rows))
-    lines = [f"{title}: mean ± std over seeds {sorted(per_seed)} (multi-source chunks)", "",
+    lines = [f"{title}: mean ± sample std over seeds {sorted(per_seed)} (multi-source chunks)", "",
              "| system | " + " | ".join(order) + " | avg |", "|" + "---|" * (len(order) + 2)]
     summary: dict = {"seeds": sorted(per_seed), "rows": {}}
     for s in systems:
@@ -321,10 +335,10 @@ def seeds_markdown(per_seed: dict[int, list[dict]], insts: list[str], title: str
         for i in order:
             v = [r["si_sdr_mean"] for rows in per_seed.values() for r in rows if r["system"] == s and r["instrument"] == i]
             per_inst[i] = v
-            cells.append(f"{np.mean(v):.2f} ± {np.std(v):.2f}" if v else "–")
+            cells.append(_spread(v))
         avg = [_avg(rows, s) for rows in per_seed.values() if any(r["system"] == s for r in rows)]
         summary["rows"][s] = {**per_inst, "avg": avg}
-        lines.append(f"| {s} | " + " | ".join(cells) + f" | {np.mean(avg):.2f} ± {np.std(avg):.2f} |")
+        lines.append(f"| {s} | " + " | ".join(cells) + f" | {_spread(avg)} |")
     holds = {seed: ordering_holds(rows) for seed, rows in per_seed.items()}
     summary["ordering_holds"] = holds
     lines += ["", "paper ordering (" + " > ".join(PAPER_ORDERING) + ") on the average: "

@@ -7,10 +7,27 @@ advertises more of them than the workers reserve.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import warnings
 
 from wss_ray.config import RayConfig
+
+# set by --verbose: Ray's own logs (workers, Train controller, Data executor) on the console
+VERBOSE_ENV = "WSS_RAY_VERBOSE"
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def is_local() -> bool:
+    """True when this process started the Ray instance it uses (progress comes through a file)."""
+    return _LOCAL["started"]
+
+
+_LOCAL = {"started": False}
 
 
 def _free_port() -> int:
@@ -36,8 +53,15 @@ def _start_local(cfg: RayConfig, attempts: int = 3) -> None:
         saved = os.environ.get("RAY_GCS_SERVER_PORT")
         os.environ["RAY_GCS_SERVER_PORT"] = str(port)
         try:
+            # quiet by default: workers' and Ray's own output go to Ray's log files (path printed);
+            # the project's progress reaches the console through the runner's progress file
             ray.init(num_cpus=cfg.local_cpus(), include_dashboard=True, dashboard_host="127.0.0.1",
-                     log_to_driver=True, runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}})
+                     log_to_driver=verbose(), logging_level=logging.INFO if verbose() else logging.WARNING,
+                     runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}})
+            _LOCAL["started"] = True
+            if not verbose():
+                print(f"[ray] local instance with {cfg.local_cpus()} logical CPUs; Ray's own logs: "
+                      f"{_logs_dir()} (--verbose shows them here)")
             return
         except Exception:
             # the port was taken between the probe and the GCS binding it
@@ -58,6 +82,9 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if not verbose():
+        # Ray's warnings about its own set-up (token auth on, progress bars off) go to its log files
+        logging.getLogger("ray").setLevel(logging.ERROR)
     address = cfg.address or os.environ.get("RAY_ADDRESS", "")
     if address:
         ray.init(address=address, log_to_driver=True)
@@ -68,3 +95,15 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    if not verbose():
+        # deprecation notices about Ray's own internals: nothing a user of this project can act on
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray(\.|$)")
+
+
+def _logs_dir() -> str:
+    try:
+        import ray._private.worker as w
+
+        return w._global_node.get_logs_dir_path()
+    except Exception:  # a private API: fall back to the documented default
+        return "/tmp/ray/session_latest/logs"

@@ -409,22 +409,31 @@ def separate_files(paths: list[str], checkpoint: str | None, out: str, midi: boo
         folder.mkdir(parents=True, exist_ok=True)
         names = sep.instruments + ["residual"]
         tmps = {name: folder / f".{name}.wav.tmp" for name in names}
-        sinks = {name: sf.SoundFile(str(tmps[name]), "w", samplerate=sr, channels=1, format="WAV",
-                                    subtype="FLOAT") for name in names}
+        midi_tmp = folder / ".transcription.mid.tmp"
+        sinks = {}
         seconds = reader.frames / sr
         bar = ProgressBar(Path(path).name, seconds, progress_stream) if seconds > chunk_seconds else None
         t0 = time.perf_counter()
         roll = RollCollector() if midi else None
         try:
+            for name in names:
+                sinks[name] = sf.SoundFile(str(tmps[name]), "w", samplerate=sr, channels=1, format="WAV",
+                                           subtype="FLOAT")
             for _, est, mix in sep.stream(reader, chunk_seconds, roll=roll, progress=bar):
                 est_np = est.numpy()
                 for k, name in enumerate(sep.instruments):
                     sinks[name].write(est_np[k])
                 sinks["residual"].write(mix - est_np.sum(0))
+            for sink in sinks.values():
+                sink.close()
+            if midi:
+                sep.roll_to_midi(roll.roll).write(str(midi_tmp))
         except BaseException:
             for name in names:
-                sinks[name].close()
+                if name in sinks:
+                    sinks[name].close()
                 tmps[name].unlink(missing_ok=True)
+            midi_tmp.unlink(missing_ok=True)
             for d in made:  # innermost first: only the folders this call created, and only if empty
                 if d.is_dir() and not any(d.iterdir()):
                     d.rmdir()
@@ -433,15 +442,12 @@ def separate_files(paths: list[str], checkpoint: str | None, out: str, midi: boo
             if isinstance(reader, AudioReader):
                 reader.close()
         for name in names:
-            sinks[name].close()
             target = folder / f"{name}.wav"
             tmps[name].replace(target)
             written.append(target)
         if midi:
             target = folder / "transcription.mid"
-            tmp = folder / ".transcription.mid.tmp"
-            sep.roll_to_midi(roll.roll).write(str(tmp))
-            tmp.replace(target)
+            midi_tmp.replace(target)
             written.append(target)
         took = time.perf_counter() - t0
         log(f"[separate] {path} -> {folder} ({', '.join(names)}{', transcription.mid' if midi else ''}; "

@@ -79,10 +79,10 @@ def _passes(data_dir: str | Path, split: str, repeat: int, seed: int | None, att
         ds = ray.data.read_parquet(paths, file_extensions=["parquet"])
         return ds.map_batches(attach, batch_format="pyarrow", zero_copy_batch=True) if attach else ds
 
-    def windowed(ds, window_seed: int, copies: int = 1):
+    def windowed(ds, window_seed: int):
         # a whole block per call: a block holds whole tracks (one shard each), so a chunk finds
         # its successor; one at a block edge keeps offset 0
-        return ds.map_batches(_Windows(manifest, window_seed, copies), batch_size=None,
+        return ds.map_batches(_Windows(manifest, window_seed), batch_size=None,
                               batch_format="pyarrow") if windows else ds
 
     rng = np.random.default_rng(seed)
@@ -91,14 +91,19 @@ def _passes(data_dir: str | Path, split: str, repeat: int, seed: int | None, att
     size = sum(Path(f).stat().st_size for f in files) * 3  # parquet (zstd) -> arrow in memory, roughly
     if attach:
         size *= len(manifest["instruments"]) + 1
-    copies = min(WINDOW_COPIES, repeat) if windows else 1
-    if size * copies < MATERIALIZE_BYTES:
-        # Read once (stems, if any, attached once), windows drawn once, ``copies`` per chunk
-        # (each with its own offsets, each in its own block), held in the object store and
-        # replayed in a new block order per pass. A windows operator per pass instead would put
-        # one Ray Data operator per epoch into the stream, and on 2 cores the executor's
-        # bookkeeping for ~70 of them cost more than the training step.
-        once = windowed(read(files), int(rng.integers(1 << 31)), copies).materialize()
+    copies = max(1, min(WINDOW_COPIES, repeat, MATERIALIZE_BYTES // max(size, 1))) if windows else 1
+    if size < MATERIALIZE_BYTES:
+        # Read once (stems, if any, attached once) and held in the object store. With windows,
+        # ``copies`` versions of the split are drawn once, each by its own operator (so its
+        # blocks stay apart from the other copies' and a block-order shuffle mixes tracks, not
+        # copies of one chunk), and the whole is replayed in a new block order per pass. A
+        # windows operator per pass instead would put one Ray Data operator per epoch into the
+        # stream, and on 2 cores the executor's bookkeeping for ~70 of them cost more than the
+        # training step.
+        once = read(files).materialize()
+        if windows:
+            drawn = [windowed(once, int(rng.integers(1 << 31))) for _ in range(copies)]
+            once = (drawn[0].union(*drawn[1:]) if copies > 1 else drawn[0]).materialize()
         passes = [once.randomize_block_order(seed=int(rng.integers(1 << 31)))
                   for _ in range(math.ceil(repeat / copies))]
     else:
@@ -159,19 +164,15 @@ def _fixed_array(values: np.ndarray, size: int, typ: pa.DataType) -> pa.Array:
 
 
 class _Windows:
-    """Ray Data UDF: ``copies`` random-window versions of a block, each yielded as its own
-    block (so a block-order shuffle separates the copies of a chunk)."""
+    """Ray Data UDF: the block with random-offset windows."""
 
-    def __init__(self, manifest: dict, seed: int, copies: int = 1):
-        self.manifest, self.seed, self.copies = manifest, seed, copies
+    def __init__(self, manifest: dict, seed: int):
+        self.manifest, self.seed = manifest, seed
 
-    def __call__(self, batch: pa.Table):
-        # offsets from the seed, the block's first track and the copy: the same whichever
-        # worker runs the block
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        # offsets from the seed and the block's first track: the same whichever worker runs it
         key = zlib.crc32((batch.column("track")[0].as_py() if batch.num_rows else "").encode())
-        for c in range(self.copies):
-            yield random_windows(batch, self.manifest, np.random.default_rng([self.seed, key, c]))
-
+        return random_windows(batch, self.manifest, np.random.default_rng([self.seed, key]))
 
 
 def _stems_for(data_dir: str, split: str, table: pa.Table) -> pa.Table:

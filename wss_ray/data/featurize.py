@@ -164,6 +164,16 @@ def _check_existing(out: Path, cfg: DataConfig) -> None:
                              f"asks for {new!r}; use another --out folder or delete this one")
 
 
+def _check_splits(out: Path, tracks: list) -> None:
+    """A track already featurized under another split (a flat corpus that grew, a track moved
+    between split folders) would be in two splits at once: test data in training."""
+    for split, track in tracks:
+        for other in out.glob(f"*/features/{track.name}.parquet"):
+            if other.parent.parent.name != split:
+                raise ValueError(f"{track}: the corpus puts this track in '{split}', the features in {out} have it "
+                                 f"in '{other.parent.parent.name}'; featurize into a new --out folder")
+
+
 def _clean_temp(out: Path) -> None:
     for tmp in out.glob("*/*/.*.tmp-*"):
         tmp.unlink()
@@ -181,6 +191,7 @@ def featurize(slakh: str | Path, out: str | Path, cfg: DataConfig, ray_cfg: RayC
     tracks = list_tracks(slakh)
     out.mkdir(parents=True, exist_ok=True)
     _check_existing(out, cfg)
+    _check_splits(out, tracks)
     _clean_temp(out)
     todo = [(s, t) for s, t in tracks if not shard_paths(out, s, t.name)[0].is_file()]
     log(f"[featurize] {len(tracks)} tracks in {slakh}; {len(tracks) - len(todo)} already done, "

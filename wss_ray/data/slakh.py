@@ -14,7 +14,7 @@ import yaml
 from wss_ray.config import INSTRUMENT_CLASSES, DataConfig
 from wss_ray.data.score import ScoreError, load_notes
 
-SPLITS = ("train", "validation", "test")
+SPLITS = ("train", "validation", "test", "omitted")   # names a split folder given directly may have
 AUDIO_EXTS = (".flac", ".wav", ".ogg")   # .ogg: Vorbis copies made for transport (benchmarks/gpu_bundle.py)
 # Classes Slakh2100's metadata uses (its instrument taxonomy); anything else is a typo or
 # a different dataset and is refused rather than silently dropped.
@@ -23,8 +23,7 @@ SLAKH_CLASSES = {
     "Ensemble", "Brass", "Reed", "Pipe", "Synth Lead", "Synth Pad", "Synth Effects", "Sound Effects",
     "Sound effects", "Ethnic", "Percussive", "Drums",
 }
-# A corpus without split folders (BabySlakh) is split by sorted track name: the last
-# fractions go to validation and test, so the assignment is stable as tracks are added.
+# A corpus without split folders (BabySlakh) is split by sorted track name (see flat_splits).
 FLAT_SPLITS = (0.7, 0.15, 0.15)
 
 
@@ -62,7 +61,7 @@ def list_tracks(root: str | Path) -> list[tuple[str, Path]]:
 
     Recognised: ``root/<split>/TrackNNNNN`` for any split folder (Slakh2100's train,
     validation, test, and others such as ``omitted``); ``root/TrackNNNNN`` (BabySlakh), split
-    by sorted name with :data:`FLAT_SPLITS`; a split folder given directly (``slakh/test``).
+    by sorted name (:func:`flat_splits`); a split folder given directly (``slakh/test``).
     """
     root = Path(root)
     if not root.is_dir():
@@ -83,13 +82,16 @@ def list_tracks(root: str | Path) -> list[tuple[str, Path]]:
 
 
 def flat_splits(tracks: list[Path]) -> list[tuple[str, Path]]:
+    """By sorted name: the last 15% to test, the 15% before them to validation (BabySlakh's 20
+    tracks: 14 / 3 / 3). Adding tracks can move a track to another split; featurizing into a
+    folder made before refuses that (``featurize``)."""
     n = len(tracks)
     n_test = int(round(FLAT_SPLITS[2] * n))
     n_val = int(round(FLAT_SPLITS[1] * n))
     n_train = max(n - n_test - n_val, 1 if n else 0)
     names = ["train"] * n_train + ["validation"] * min(n_val, n - n_train)
     names += ["test"] * (n - len(names))
-    return list(zip(names, tracks))
+    return list(zip(names, sorted(tracks)))
 
 
 def _is_track(p: Path) -> bool:

@@ -130,6 +130,16 @@ def _worker(config: dict) -> None:
 
     stage, manifest = config["stage"], config["manifest"]
     recipe = RECIPES[stage]
+    progress = config.get("progress_file")
+
+    def say(line: str) -> None:
+        # on a local instance the driver tails this file (Ray's worker output is not forwarded)
+        if progress:
+            with open(progress, "a") as fh:
+                fh.write(line + "\n")
+        else:
+            print(line, flush=True)
+
     cfg = config_from_dict(config["cfg"])
     ctx_train = ray.train.get_context()
     rank, world = ctx_train.get_world_rank(), ctx_train.get_world_size()
@@ -137,7 +147,7 @@ def _worker(config: dict) -> None:
     # one intra-op thread per reserved CPU: more threads than cores across workers thrash
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     if rank == 0:
-        print(f"[{stage}] worker threads: {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})")
+        say(f"[{stage}] worker threads: {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})")
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     parent = load_checkpoint(config["parent"])[0] if config["parent"] else None
     ctx = StepContext(cfg, cfg.stages[stage], manifest, device, parent)
@@ -159,7 +169,7 @@ def _worker(config: dict) -> None:
             start = old["step"]
             meta["resumed_from"] = old.get("resumed_from", []) + [start]
         if rank == 0:
-            print(f"[{stage}] resumed from the checkpoint of step {start}")
+            say(f"[{stage}] resumed from the checkpoint of step {start}")
     torch.manual_seed(cfg.seed + 7919 * rank + start)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -195,7 +205,7 @@ def _worker(config: dict) -> None:
     fit(recipe, ctx, models, opts,
         train_batches=lambda epoch: _arrow_batches(train_shard, manifest, s.batch_size, cfg.seed + epoch * world + rank),
         val_batches=lambda: _arrow_batches(val_shard, manifest, s.batch_size, None),
-        on_checkpoint=on_checkpoint, start_step=start, log=print if rank == 0 else None, after_step=after_step)
+        on_checkpoint=on_checkpoint, start_step=start, log=say if rank == 0 else None, after_step=after_step)
     if writer:
         writer.close()
 
@@ -224,7 +234,7 @@ def check_parent(stage: str, parent: str | None, manifest: dict) -> str | None:
 def build_trainer(stage: str, cfg: Config, data: str | Path, parent: str | None, name: str, storage: str,
                   tensorboard: str | None = None, callbacks: list | None = None, meta_extra: dict | None = None,
                   fail_once_at: int | None = None, fail_marker: str | None = None,
-                  log: Callable[[str], None] = print):
+                  log: Callable[[str], None] = print, progress_file: str | None = None):
     """The TorchTrainer of one stage: checked parent, datasets, scaling, failure policy.
     ``train_stage`` fits it directly; a Tune trial fits it with a report callback."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -266,7 +276,7 @@ def build_trainer(stage: str, cfg: Config, data: str | Path, parent: str | None,
         train_loop_config={"stage": stage, "cfg": cfg.to_dict(), "manifest": manifest, "parent": parent_path,
                            "meta": meta, "fail_once_at": fail_once_at, "fail_marker": fail_marker,
                            # TensorBoard event files of this stage (loss terms, validation, lr)
-                           "tensorboard": tensorboard},
+                           "tensorboard": tensorboard, "progress_file": progress_file},
         scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=cfg.ray.placement_strategy),
@@ -353,6 +363,37 @@ def train_local(stage: str, cfg: Config, data: str | Path, out: str | Path, pare
 
 
 @contextlib.contextmanager
+def _tail(path: Path | None, log: Callable[[str], None], every: float = 0.5):
+    """Forward the lines a file gains to ``log`` while the block runs (and what is left at the end)."""
+    import threading
+
+    if path is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def pump(fh) -> None:
+        while True:
+            line = fh.readline()
+            if not line:
+                if stop.is_set():
+                    return
+                time.sleep(every)
+                continue
+            log(line.rstrip("\n"))
+
+    fh = open(path)
+    thread = threading.Thread(target=pump, args=(fh,), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        fh.close()
+
+
+@contextlib.contextmanager
 def _driver_preserve_order(on: bool):
     from ray.data import DataContext
 
@@ -397,9 +438,17 @@ def train_stage(stage: str, cfg: Config, data: str | Path, out: str | Path | Non
         raise ValueError(f"{data}: the train split has {rows} chunks, fewer than batch_size x workers = "
                          f"{cfg.stages[stage].batch_size} x {cfg.ray.workers}")
     ensure_ray(cfg.ray)
+    from wss_ray.ray_session import is_local, verbose
+
+    progress = out / "progress.log" if is_local() and not verbose() else None
+    if progress:
+        out.mkdir(parents=True, exist_ok=True)
+        progress.write_text("")
     trainer = build_trainer(stage, cfg, data, parent, name, storage, tensorboard=str(out / "tensorboard"),
-                            fail_once_at=fail_once_at, fail_marker=fail_marker, log=log)
-    result = trainer.fit()
+                            fail_once_at=fail_once_at, fail_marker=fail_marker, log=log,
+                            progress_file=str(progress) if progress else None)
+    with _tail(progress, log):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"[{stage}] training finished without a checkpoint (see {storage}/{name})")
     final = export_checkpoint(result.checkpoint, out)

@@ -116,3 +116,28 @@ def test_midi_of_clean_single_instrument_files_recovers_their_notes(trained, sou
     assert all(means[n] >= FLOORS[n] for n in FLOORS), f"mean note F1 {means} below {FLOORS} ({report})"
     # a solo is transcribed as that instrument, not smeared over the others
     assert right_track / total >= 0.7, f"only {right_track}/{total} notes on the soloing instrument's track"
+
+
+def test_the_shipped_model_separates_with_no_checkpoint_given(tmp_path, monkeypatch):
+    """`wss-ray separate song.wav` with no --checkpoint uses models/default (committed, fp16,
+    its lineage in meta.json)."""
+    import json
+
+    import numpy as np
+    import soundfile as sf
+
+    from wss_ray.checkpoint import SHIPPED_MODEL
+    from wss_ray.cli import main
+
+    monkeypatch.delenv("WSS_RAY_MODEL", raising=False)
+    meta = json.loads((SHIPPED_MODEL / "meta.json").read_text())
+    assert meta["stage"] in ("finetune", "separator") and meta["exported"]["dtype"] == "float16"
+    assert meta["data_fingerprint"] and meta["parents"] and meta["config"]["models"]["separator"]
+    assert sum(p.stat().st_size for p in SHIPPED_MODEL.iterdir()) < 15 * 2**20
+    t = np.arange(2 * 22050) / 22050
+    sf.write(tmp_path / "song.wav", (0.2 * np.sin(2 * np.pi * 110 * t)).astype(np.float32), 22050)
+    assert main(["separate", str(tmp_path / "song.wav"), "--out", str(tmp_path / "out"), "--midi"]) == 0
+    out = tmp_path / "out" / "song"
+    assert sorted(p.name for p in out.iterdir()) == ["bass.wav", "guitar.wav", "piano.wav", "residual.wav",
+                                                     "transcription.mid"]
+    assert sf.info(out / "bass.wav").frames == len(t)

@@ -121,11 +121,19 @@ def default_checkpoint() -> Path:
 
 
 def export_model(src: str | Path, out: str | Path, models: Iterable[str] = ("separator", "transcriptor"),
-                 note: dict | None = None) -> Path:
+                 note: dict | None = None, run_root: str | Path | None = None) -> Path:
     """A checkpoint for inference only: the named models' weights in float16 (half the bytes;
     loading casts them back to the model's float32), no optimizer state, the source's meta with
-    an ``exported`` record (source, dtype, models, ``note``) so the lineage stays readable."""
+    an ``exported`` record (source, dtype, models, ``note``) so the lineage stays readable.
+    ``run_root``: lineage paths under it are written as ``<run>/relative/path`` (a model that
+    ships must not carry the paths of the machine that trained it)."""
     payload, meta = load_checkpoint(src)
+    root = Path(run_root).resolve() if run_root else None
+
+    def where(path: str) -> str:
+        p = Path(path).resolve()
+        return f"<run>/{p.relative_to(root)}" if root and p.is_relative_to(root) else str(path)
+
     keep = [m for m in models if m in payload["models"]]
     if "separator" not in keep:
         raise CheckpointError(f"{src}: holds no separator to export (it has {sorted(payload['models'])})")
@@ -142,8 +150,11 @@ def export_model(src: str | Path, out: str | Path, models: Iterable[str] = ("sep
     try:
         tmp.mkdir(parents=True)
         torch.save({"models": half, "optim": {}}, tmp / MODEL_FILE)
-        meta = {**meta, "exported": {"from": str(Path(src).resolve()), "dtype": "float16", "models": keep,
+        meta = {**meta, "exported": {"from": where(str(Path(src).resolve())), "dtype": "float16", "models": keep,
                                      "code_revision": code_revision(), **(note or {})}}
+        if root:
+            meta["parents"] = [where(p) for p in meta.get("parents", [])]
+            meta["data"] = where(meta["data"]) if meta.get("data") else meta.get("data")
         (tmp / META_FILE).write_text(json.dumps({k: v for k, v in meta.items() if k != "_path"}, indent=2,
                                                 default=str))
         if out.exists():

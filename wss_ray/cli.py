@@ -122,7 +122,8 @@ def _cmd_pipeline(a) -> int:
 def _cmd_export(a) -> int:
     from wss_ray.checkpoint import export_model
 
-    path = export_model(a.checkpoint, a.out)
+    note = {"note": a.note} if a.note else None
+    path = export_model(a.checkpoint, a.out, note=note, run_root=a.run_root)
     size = sum(p.stat().st_size for p in path.iterdir())
     print(f"[export] {path} ({size / 2**20:.1f} MiB, float16)")
     return 0
@@ -244,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(and transcriptor), no optimizer state, lineage kept in meta.json")
     p.add_argument("checkpoint", help="a separator, finetune, baseline or supervised checkpoint")
     p.add_argument("--out", required=True, help="folder to write (e.g. models/default)")
+    p.add_argument("--run-root", help="lineage paths under this folder are recorded relative to it (<run>/...)")
+    p.add_argument("--note", help="a line recorded in meta.json's exported record (how it was trained, chosen)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("separate", help="separate (and transcribe) any audio file with a trained checkpoint")

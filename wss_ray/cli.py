@@ -142,6 +142,13 @@ def _cmd_separate(a) -> int:
     return 0
 
 
+def _render_args(p: argparse.ArgumentParser) -> None:
+    """What FluidSynth rendering takes, for every command that renders a corpus."""
+    p.add_argument("--soundfont", help="General MIDI .sf2 (default: FluidR3_GM from fluid-soundfont-gm)")
+    p.add_argument("--sample-rate", type=int, default=44100, help="rendering rate in Hz (default 44100, as Slakh)")
+    p.add_argument("--workers", type=int, default=2, help="parallel rendering processes (default 2)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wss-ray", description=(
         "Score-supervised music source separation (Hung, Wichern, Le Roux, ICASSP 2021) on Ray."))
@@ -153,9 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracks", type=int, default=12, help="number of songs (default 12)")
     p.add_argument("--seconds", type=float, default=16.0, help="length of each song in seconds (default 16)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the corpus is a pure function of it")
-    p.add_argument("--soundfont", help="General MIDI .sf2 (default: FluidR3_GM from fluid-soundfont-gm)")
-    p.add_argument("--sample-rate", type=int, default=44100, help="rendering rate in Hz (default 44100, as Slakh)")
-    p.add_argument("--workers", type=int, default=2, help="parallel rendering processes (default 2)")
+    _render_args(p)
     p.add_argument("--format", choices=("flac", "wav"), default="flac", help="audio format (default flac)")
     p.set_defaults(func=_cmd_synth)
 
@@ -165,9 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--excerpts", type=int, default=24, help="number of excerpts (default 24)")
     p.add_argument("--seconds", type=float, default=16.0, help="length of each excerpt (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the General MIDI program choices")
-    p.add_argument("--soundfont", help="General MIDI .sf2 (default: FluidR3_GM from fluid-soundfont-gm)")
-    p.add_argument("--sample-rate", type=int, default=44100, help="rendering rate in Hz (default 44100)")
-    p.add_argument("--workers", type=int, default=2, help="parallel rendering processes (default 2)")
+    _render_args(p)
     p.set_defaults(func=_cmd_scores)
 
     p = data.add_parser("featurize", help="tracks -> Parquet chunks with score features (Ray Data)")

@@ -151,7 +151,7 @@ def run_seeds(cfg: Config, out: str | Path, seeds: int, data: str | Path | None 
     holds in each, in ``<out>/results_seeds.md`` / ``.json``."""
     import json
 
-    from wss_ray.evaluate import rows_of, seeds_markdown
+    from wss_ray.evaluate import _write_atomic, rows_of, seeds_markdown
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -173,12 +173,8 @@ def run_seeds(cfg: Config, out: str | Path, seeds: int, data: str | Path | None 
     if per_seed_scores:
         more, result["scores"] = seeds_markdown(per_seed_scores, insts, "SI-SDR (dB) on real compositions")
         text += "\n" + more
-    tmp = out / ".results_seeds.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(out / "results_seeds.md")
-    tmp = out / ".results_seeds.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out / "results_seeds.json")
+    _write_atomic(out / "results_seeds.md", text)
+    _write_atomic(out / "results_seeds.json", json.dumps(result, indent=2))
     log(text)
     log(f"[pipeline] {seeds} seeds: {out / 'results_seeds.md'}")
     return result

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from wss_ray.data.featurize import MANIFEST, SCHEMA_VERSION
+from wss_ray.data.featurize import MANIFEST, SCHEMA_VERSION, _fixed
 
 
 class DataError(ValueError):
@@ -63,8 +63,8 @@ def weak_dataset(data_dir: str | Path, split: str, repeat: int = 1, seed: int | 
     ``repeat`` > 1 chains that many passes (epochs) into one stream, each pass in its own
     shard order (``seed``): restarting a streaming split per epoch costs seconds, which
     dominates on small data. A split that fits comfortably in the object store is read
-    once and replayed; a larger one is re-read per pass. ``windows``: each pass draws its own
-    random-offset windows (:func:`random_windows`), for training.
+    once and replayed; a larger one is re-read per pass. ``windows``: random-offset windows
+    (:func:`random_windows`) for training, drawn once in several copies and replayed (see _passes).
     """
     return _passes(data_dir, split, repeat, seed, attach=None, windows=windows)
 
@@ -149,18 +149,14 @@ def random_windows(table: pa.Table, manifest: dict, rng: np.random.Generator) ->
     roll = slide("roll", (k, p, n), n, 1, lambda a, b: np.concatenate([a[..., :-1], b], axis=-1))
     new = {
         "start": pa.array(table.column("start").to_numpy() + offsets * hop, pa.int64()),
-        "mix": _fixed_array(mix, l, pa.float32()),
-        "roll": _fixed_array(roll, k * p * n, pa.uint8()),
-        "active": _fixed_array(roll.reshape(len(roll), k, -1).max(axis=-1), k, pa.uint8()),
+        "mix": _fixed(mix, l, pa.float32()),
+        "roll": _fixed(roll, k * p * n, pa.uint8()),
+        "active": _fixed(roll.reshape(len(roll), k, -1).max(axis=-1), k, pa.uint8()),
     }
     if "stems" in cols:
         stems = slide("stems", (k, l), l, hop, lambda a, b: np.concatenate([a, b], axis=-1))
-        new["stems"] = _fixed_array(stems, k * l, pa.float32())
+        new["stems"] = _fixed(stems, k * l, pa.float32())
     return pa.Table.from_arrays([new.get(name, cols[name]) for name in table.column_names], schema=table.schema)
-
-
-def _fixed_array(values: np.ndarray, size: int, typ: pa.DataType) -> pa.Array:
-    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values).reshape(-1), type=typ), size)
 
 
 class _Windows:

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 APT_PKGS := libfluidsynth3 fluid-soundfont-gm timgm6mb-soundfont
 DEMO_OUT ?= demo_out
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(BIN)/.installed
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -26,6 +26,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -x -q -rs tests
+
+# the inner loop: everything that needs neither Ray nor minutes of rendering or training
+test-fast: setup
+	$(BIN)/python -m pytest -x -q -rs -m "not ray and not slow" tests
 
 BENCH_OUT ?= bench_out
 DEMO_CKPT ?= $(DEMO_OUT)/checkpoints/finetune-c-h-aml/checkpoint

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from wss_ray.config import DataConfig, RayConfig
-from wss_ray.data.dataset import iter_local, load_manifest, to_tensors, weak_dataset
+from wss_ray.data.contract import to_tensors
+from wss_ray.data.dataset import iter_local, load_manifest, weak_dataset
 from wss_ray.data.featurize import featurize
 from wss_ray.data.synth import synthesize_corpus
 from wss_ray.ray_session import ensure_ray

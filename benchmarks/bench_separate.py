@@ -69,7 +69,8 @@ def child(args: dict) -> dict:
     import torch
 
     torch.set_num_threads(args["threads"])
-    from wss_ray.separate import Separator, read_any_audio, separate_files
+    from wss_ray.audio_io import read_any_audio
+    from wss_ray.separate import Separator, separate_files
 
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()

@@ -53,6 +53,28 @@ def features(tmp_path_factory, corpus, ray_local, small_cfg) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def pipeline_out(tmp_path_factory, features, small_cfg) -> Path:
+    """The smoke pipeline trained once (every stage, through Ray Train) and evaluated; tests
+    read its checkpoints and results and never write into it."""
+    from wss_ray.pipeline import run_pipeline
+
+    out = tmp_path_factory.mktemp("pipeline")
+    run_pipeline(small_cfg, out, data=features)
+    return out
+
+
 @pytest.fixture
 def data_cfg() -> DataConfig:
     return DataConfig(chunk_seconds=1.024)
+
+
+# Fixtures that start (or need) a local Ray instance, or a cluster: a test using any of them is
+# marked ``ray`` without anyone having to remember to; ``make test-fast`` leaves those out.
+RAY_FIXTURES = {"ray_local", "features", "pipeline_out", "transcriptor_ckpt", "cluster", "trained"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)

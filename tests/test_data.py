@@ -19,8 +19,8 @@ import torch
 import yaml
 
 from wss_ray.config import DataConfig
-from wss_ray.data.dataset import (DataError, iter_local, load_manifest, supervised_dataset, to_tensors,
-                                  weak_dataset)
+from wss_ray.data.contract import shard_files, to_tensors
+from wss_ray.data.dataset import DataError, iter_local, load_manifest, supervised_dataset, weak_dataset
 from wss_ray.data.featurize import featurize
 from wss_ray.data.score import (harmonic_basis, harmonic_masks, harmonic_masks_reference, load_notes,
                                 notes_to_roll)
@@ -397,11 +397,11 @@ def test_resume_after_killed_featurization(corpus, tmp_path, ray_local):
     proc = subprocess.Popen(cmd + ["--out", str(killed)] + cfg_args, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not list(killed.glob("*/features/*.parquet")):
+    while time.time() < deadline and not shard_files(killed, "*/features/*.parquet"):
         time.sleep(0.05)
     _kill_tree(proc.pid)
     proc.wait()
-    done_before = len(list(killed.glob("*/features/*.parquet")))
+    done_before = len(shard_files(killed, "*/features/*.parquet"))  # not the hidden one being written
     assert 0 < done_before < 6, "the kill should land mid-run"
     res = subprocess.run(cmd + ["--out", str(killed)] + cfg_args, check=True, capture_output=True, text=True)
     assert f"{done_before} already done" in res.stdout

@@ -17,7 +17,8 @@ import pytest
 import soundfile as sf
 import yaml
 
-from wss_ray.data.dataset import load_manifest, to_tensors
+from wss_ray.data.contract import to_tensors
+from wss_ray.data.dataset import load_manifest
 from wss_ray.data.featurize import featurize
 from wss_ray.data.slakh import list_tracks, load_track, read_sources
 

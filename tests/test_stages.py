@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,15 +14,6 @@ from wss_ray.checkpoint import CheckpointError, read_meta
 from wss_ray.stages.runner import train_stage
 
 ROWS = {"mixture", "oracle_irm", "separator[c+h]", "finetune[c+h+aml+atl]", "baseline", "supervised"}
-
-
-@pytest.fixture(scope="module")
-def pipeline_out(tmp_path_factory, features, small_cfg):
-    from wss_ray.pipeline import run_pipeline
-
-    out = tmp_path_factory.mktemp("pipeline")
-    run_pipeline(small_cfg, out, data=features)
-    return out
 
 
 def test_smoke_pipeline_writes_every_row(pipeline_out, features):
@@ -225,6 +217,41 @@ def test_bad_config_values_name_the_field(tmp_path):
         load_config(binary)
 
 
+def test_each_stage_has_only_its_own_settings():
+    from wss_ray.config import ConfigError, load_config
+
+    # an adversarial weight means nothing to the transcriptor; a mask list nothing to the baseline
+    for over, needle in (("stages.transcriptor.lambda_adv=2", "unknown setting(s) stages.transcriptor.lambda_adv"),
+                         ("stages.baseline.masks=[c]", "unknown setting(s) stages.baseline.masks"),
+                         ("stages.classifier.pos_weight=3", "unknown setting(s) stages.classifier.pos_weight"),
+                         ("stages.baseline.lambda_tr=2", "renamed stages.baseline.lambda_cls"),
+                         ("stages.separator.adversarial=[aml]", "unknown setting(s) stages.separator.adversarial"),
+                         ("models.separator.hidden=2.5", "models.separator.hidden: expected an integer, got 2.5"),
+                         ("pipeline.stages=[transcriptor, foo]", "pipeline.stages[1]: 'foo' is not one of")):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [over])
+        assert needle in str(e.value), (over, str(e.value))
+    cfg = load_config(None, ["stages.baseline.lambda_cls=0.5", "stages.finetune.adversarial=[aml]"])
+    assert cfg.stages["baseline"].lambda_cls == 0.5 and cfg.stages["finetune"].adversarial == ["aml"]
+    # every preset the project ships still loads
+    for preset in sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")):
+        load_config(preset)
+
+
+def test_recipes_declare_tunables_that_exist_on_their_stage():
+    from wss_ray.config import Config
+    from wss_ray.stages import RECIPES
+
+    stages, models = Config().stages, Config().models
+    for name, recipe in RECIPES.items():
+        fields = set(type(stages[name]).model_fields)
+        assert recipe.tunable and recipe.tunable <= fields, (name, recipe.tunable - fields)
+        assert recipe.creates is None or hasattr(models, recipe.creates), name
+    # the critic's loss weights belong to the stages that have a critic, not to every stage
+    assert "lambda_adv" in RECIPES["finetune"].tunable and "lambda_adv" not in type(stages["separator"]).model_fields
+    assert "lambda_cls" in RECIPES["baseline"].tunable and "lambda_tr" not in RECIPES["baseline"].tunable
+
+
 def test_separate_any_file_with_a_trained_checkpoint(tmp_path, pipeline_out):
     import numpy as np
     import pretty_midi
@@ -291,7 +318,8 @@ def test_streaming_file_path_matches_the_python_api(tmp_path, pipeline_out):
     import soundfile as sf
 
     from wss_ray import Separator
-    from wss_ray.separate import AudioReader, separate_files
+    from wss_ray.audio_io import AudioReader
+    from wss_ray.separate import separate_files
 
     ck = pipeline_out / "checkpoints" / "finetune-c-h-aml-atl" / "checkpoint"
     sr = 22050
@@ -329,7 +357,7 @@ def test_streaming_file_path_matches_the_python_api(tmp_path, pipeline_out):
             separate_files([str(tmp_path / "long.wav")], str(ck), str(tmp_path / "half"), chunk_seconds=1.0)
     finally:
         AudioReader.read = original
-    assert not list((tmp_path / "half").rglob("*.wav")) and not list((tmp_path / "half").rglob(".*tmp"))
+    assert not list((tmp_path / "half").rglob("*.wav")) and not list((tmp_path / "half").rglob(".*tmp*"))
 
 
 def test_separate_refuses_bad_audio_clearly(tmp_path, pipeline_out):
@@ -356,7 +384,7 @@ def test_separate_refuses_bad_audio_clearly(tmp_path, pipeline_out):
 def test_overlap_add_has_no_seams():
     import torch
 
-    from wss_ray.separate import overlap_add
+    from wss_ray.streaming import overlap_add
 
     x = torch.randn(10_000)
     # a pointwise "model": overlap-add must reproduce it exactly, whatever the chunking

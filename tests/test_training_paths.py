@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from wss_ray.checkpoint import load_checkpoint, read_meta
-from wss_ray.data.dataset import load_manifest, random_windows, to_tensors, weak_dataset
+from wss_ray.data.contract import to_tensors
+from wss_ray.data.dataset import load_manifest, random_windows, weak_dataset
 from wss_ray.models import Transcriptor
 from wss_ray.stages.base import freeze
 from wss_ray.stages.runner import train_local

@@ -51,10 +51,11 @@ def test_bad_spaces_name_file_and_key(tmp_path, small_cfg, body, needle):
 
 
 @pytest.fixture(scope="module")
-def transcriptor_ckpt(tmp_path_factory, features, small_cfg):
-    from wss_ray.stages.runner import train_stage
-
-    return train_stage("transcriptor", small_cfg, features, out=tmp_path_factory.mktemp("t"))
+def transcriptor_ckpt(pipeline_out):
+    # the session's smoke pipeline already trained one (conftest); a sweep only reads its parent
+    path = pipeline_out / "checkpoints" / "transcriptor" / "checkpoint"
+    assert (path / "meta.json").is_file()
+    return path
 
 
 def test_sweep_picks_best_and_hands_off(tmp_path, features, small_cfg, transcriptor_ckpt):

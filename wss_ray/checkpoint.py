@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Iterable
@@ -13,6 +12,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from wss_ray.atomic import atomic_path
 from wss_ray.models import MODEL_CLASSES
 
 MODEL_FILE = "model.pt"
@@ -43,20 +43,16 @@ def save_checkpoint(path: str | Path, models: dict[str, nn.Module], meta: dict,
                     optimizers: dict[str, torch.optim.Optimizer] | None = None) -> Path:
     """Write atomically: a reader never sees a half-written checkpoint."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     payload = {
         "models": {name: {"class": type(unwrap(m)).__name__, "kwargs": unwrap(m).init_kwargs,
                           "state": {k: v.detach().cpu() for k, v in unwrap(m).state_dict().items()}}
                    for name, m in models.items()},
         "optim": {name: o.state_dict() for name, o in (optimizers or {}).items()},
     }
-    torch.save(payload, tmp / MODEL_FILE)
-    (tmp / META_FILE).write_text(json.dumps({k: v for k, v in meta.items() if k != "_path"}, indent=2, default=str))
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    with atomic_path(path, directory=True) as tmp:
+        torch.save(payload, tmp / MODEL_FILE)
+        (tmp / META_FILE).write_text(json.dumps({k: v for k, v in meta.items() if k != "_path"}, indent=2,
+                                                default=str))
     return path
 
 
@@ -145,10 +141,7 @@ def export_model(src: str | Path, out: str | Path, models: Iterable[str] = ("sep
         raise CheckpointError(f"--out {out}: exists and is not a checkpoint folder; it would be replaced")
     if Path(src).resolve().is_relative_to(out.resolve()):
         raise CheckpointError(f"--out {out}: holds the source checkpoint {src}")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    with atomic_path(out, directory=True) as tmp:
         torch.save({"models": half, "optim": {}}, tmp / MODEL_FILE)
         meta = {**meta, "exported": {"from": where(str(Path(src).resolve())), "dtype": "float16", "models": keep,
                                      "code_revision": code_revision(), **(note or {})}}
@@ -157,11 +150,6 @@ def export_model(src: str | Path, out: str | Path, models: Iterable[str] = ("sep
             meta["data"] = where(meta["data"]) if meta.get("data") else meta.get("data")
         (tmp / META_FILE).write_text(json.dumps({k: v for k, v in meta.items() if k != "_path"}, indent=2,
                                                 default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -44,7 +44,7 @@ def _cmd_featurize(a) -> int:
 def _cmd_stats(a) -> int:
     from pathlib import Path
 
-    from wss_ray.data.featurize import MANIFEST
+    from wss_ray.data.contract import MANIFEST
     from wss_ray.data.stats import corpus_stats, feature_stats
 
     if (Path(a.dir) / MANIFEST).is_file():

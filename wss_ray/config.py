@@ -1,20 +1,17 @@
-"""Typed configuration: dataclasses, YAML presets, ``--set a.b=c`` overrides.
+"""Typed configuration on pydantic v2: YAML presets, ``--set a.b=c`` overrides, validation.
 
-Every error names the offending field by its dotted path, so a typo in a
-200-line YAML file is found in one read.
+Every error names the offending field by its dotted path (and the file), so a typo in a
+200-line YAML file is found in one read. Each stage has its own settings: a setting that
+means nothing to a stage (``lambda_adv`` on the transcriptor) is refused there.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 import re
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_INSTRUMENTS = ("piano", "guitar", "bass")
 
@@ -39,25 +36,65 @@ def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Yaml12Loader)
 
 
-@dataclass
-class DataConfig:
-    sample_rate: int = 16000
-    chunk_seconds: float = 2.0
-    n_fft: int = 1024
-    hop: int = 256
-    instruments: list[str] = field(default_factory=lambda: list(DEFAULT_INSTRUMENTS))
-    pitch_min: int = 21
-    pitch_max: int = 108
+# Target instrument -> Slakh (inst_class, General MIDI programs). Slakh's metadata names
+# the class; the program separates distorted from clean guitars and electric from
+# acoustic/synth basses.
+INSTRUMENT_CLASSES: dict[str, tuple[str, tuple[int, ...]]] = {
+    "piano": ("Piano", tuple(range(0, 8))),
+    "guitar": ("Guitar", (29, 30)),
+    "bass": ("Bass", (33, 34, 35, 36, 37)),
+}
+
+
+class _Field(ValueError):
+    """Raised by a validator about one named field of its section (the path is completed
+    when the pydantic error is turned into a :class:`ConfigError`)."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+
+class Section(BaseModel):
+    # strict: YAML already typed every value, so ``"8"`` for an integer is a mistake, not a
+    # string to coerce; no NaN/Inf anywhere (an infinite lr trains NaN weights silently)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False,
+                              validate_default=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+Pos = Annotated[float, Field(gt=0)]
+PosInt = Annotated[int, Field(gt=0)]
+NonNeg = Annotated[float, Field(ge=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+
+
+def _distinct(name: str, values: list, allowed: tuple[str, ...], empty_ok: bool = True) -> list:
+    if (not values and not empty_ok) or len(set(values)) != len(values):
+        raise _Field(name, f"subset of {list(allowed)} expected, got {values}")
+    return values
+
+
+class DataConfig(Section):
+    sample_rate: PosInt = 16000
+    chunk_seconds: Pos = 2.0
+    n_fft: PosInt = 1024
+    hop: PosInt = 256
+    instruments: list[str] = Field(default_factory=lambda: list(DEFAULT_INSTRUMENTS))
+    pitch_min: NonNegInt = 21
+    pitch_max: NonNegInt = 108
     # Tracks lacking a target instrument still train (zero roll) unless this is set.
     require_all: bool = False
     # "sum_of_targets": the mixture is the sum of the target stems (the paper's setup);
     # "mix_file": use the track's mix file as is (contains every instrument).
-    mix: str = "sum_of_targets"
+    mix: Literal["sum_of_targets", "mix_file"] = "sum_of_targets"
     # A final partial chunk is kept (zero padded) when at least this fraction long.
-    min_tail_fraction: float = 0.5
-    harmonics: int = 10
+    min_tail_fraction: Annotated[float, Field(gt=0, le=1)] = 0.5
+    harmonics: PosInt = 10
     # Parallel featurization tasks on Ray Data.
-    workers: int = 2
+    workers: PosInt = 2
 
     @property
     def chunk_samples(self) -> int:
@@ -76,170 +113,195 @@ class DataConfig:
     def n_bins(self) -> int:
         return self.n_fft // 2 + 1
 
-    def validate(self, path: str = "data") -> None:
-        _positive(self, path, "sample_rate", "chunk_seconds", "n_fft", "hop", "harmonics", "workers")
-        if self.chunk_samples % self.hop:
-            raise ConfigError(
-                f"{path}.chunk_seconds: chunk of {self.chunk_samples} samples is not a multiple of "
-                f"{path}.hop={self.hop}; chunks must sit on the STFT frame grid")
-        if self.hop > self.n_fft:
-            raise ConfigError(f"{path}.hop: {self.hop} exceeds n_fft={self.n_fft}")
-        if not self.instruments or len(set(self.instruments)) != len(self.instruments):
-            raise ConfigError(f"{path}.instruments: need a non-empty list of distinct names, got {self.instruments}")
-        unknown = [i for i in self.instruments if i not in INSTRUMENT_CLASSES]
+    @field_validator("instruments")
+    @classmethod
+    def _instruments(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise _Field("instruments", f"need a non-empty list of distinct names, got {v}")
+        unknown = [i for i in v if i not in INSTRUMENT_CLASSES]
         if unknown:
-            raise ConfigError(f"{path}.instruments: unknown {unknown}; known: {sorted(INSTRUMENT_CLASSES)}")
-        if not 0 <= self.pitch_min <= self.pitch_max <= 127:
-            raise ConfigError(f"{path}.pitch_min/pitch_max: need 0 <= min <= max <= 127")
-        if self.mix not in ("sum_of_targets", "mix_file"):
-            raise ConfigError(f"{path}.mix: expected 'sum_of_targets' or 'mix_file', got {self.mix!r}")
-        if not 0.0 < self.min_tail_fraction <= 1.0:
-            raise ConfigError(f"{path}.min_tail_fraction: must be in (0, 1]")
+            raise _Field("instruments", f"unknown {unknown}; known: {sorted(INSTRUMENT_CLASSES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _grid(self) -> "DataConfig":
+        if self.chunk_samples % self.hop:
+            raise _Field("chunk_seconds", f"chunk of {self.chunk_samples} samples is not a multiple of "
+                                          f"hop={self.hop}; chunks must sit on the STFT frame grid")
+        if self.hop > self.n_fft:
+            raise _Field("hop", f"{self.hop} exceeds n_fft={self.n_fft}")
+        if not self.pitch_min <= self.pitch_max <= 127:
+            raise _Field("pitch_min", "need 0 <= pitch_min <= pitch_max <= 127")
+        return self
 
 
-# Target instrument -> Slakh (inst_class, General MIDI programs). Slakh's metadata names
-# the class; the program separates distorted from clean guitars and electric from
-# acoustic/synth basses.
-INSTRUMENT_CLASSES: dict[str, tuple[str, tuple[int, ...]]] = {
-    "piano": ("Piano", tuple(range(0, 8))),
-    "guitar": ("Guitar", (29, 30)),
-    "bass": ("Bass", (33, 34, 35, 36, 37)),
-}
-
-
-@dataclass
-class SynthConfig:
+class SynthConfig(Section):
     enabled: bool = False
-    tracks: int = 12
-    seconds: float = 16.0
+    tracks: PosInt = 12
+    seconds: Pos = 16.0
     seed: int = 0
-    sample_rate: int = 44100
+    sample_rate: PosInt = 44100
     soundfont: str = ""
-    audio_format: str = "flac"
-    workers: int = 2
+    audio_format: Literal["flac", "wav"] = "flac"
+    workers: PosInt = 2
     # Fractions of tracks for train / validation / test.
-    splits: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
+    splits: list[NonNeg] = Field(default_factory=lambda: [0.7, 0.15, 0.15])
 
-    def validate(self, path: str = "synth") -> None:
-        _positive(self, path, "tracks", "seconds", "sample_rate", "workers")
-        if self.audio_format not in ("flac", "wav"):
-            raise ConfigError(f"{path}.audio_format: expected 'flac' or 'wav', got {self.audio_format!r}")
-        if len(self.splits) != 3 or any(s < 0 for s in self.splits) or abs(sum(self.splits) - 1) > 1e-6:
-            raise ConfigError(f"{path}.splits: need three non-negative fractions summing to 1, got {self.splits}")
-
-
-@dataclass
-class SeparatorModelConfig:
-    hidden: int = 128
-    layers: int = 2
-    dropout: float = 0.0
+    @field_validator("splits")
+    @classmethod
+    def _splits(cls, v: list[float]) -> list[float]:
+        if len(v) != 3 or abs(sum(v) - 1) > 1e-6:
+            raise _Field("splits", f"need three non-negative fractions summing to 1, got {v}")
+        return v
 
 
-@dataclass
-class TranscriptorModelConfig:
-    channels: int = 16
-    hidden: int = 96
-    bins_per_semitone: int = 2
-    dropout: float = 0.0
+class SeparatorModelConfig(Section):
+    hidden: PosInt = 128
+    layers: PosInt = 2
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
 
-@dataclass
-class ModelsConfig:
-    separator: SeparatorModelConfig = field(default_factory=SeparatorModelConfig)
-    transcriptor: TranscriptorModelConfig = field(default_factory=TranscriptorModelConfig)
-    classifier: TranscriptorModelConfig = field(default_factory=TranscriptorModelConfig)
+class TranscriptorModelConfig(Section):
+    channels: PosInt = 16
+    hidden: PosInt = 96
+    bins_per_semitone: PosInt = 2
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
 
-@dataclass
-class StageConfig:
-    steps: int = 200
-    batch_size: int = 8
-    lr: float = 1e-3
+class ModelsConfig(Section):
+    separator: SeparatorModelConfig = Field(default_factory=SeparatorModelConfig)
+    transcriptor: TranscriptorModelConfig = Field(default_factory=TranscriptorModelConfig)
+    classifier: TranscriptorModelConfig = Field(default_factory=TranscriptorModelConfig)
+
+
+MASKS = ("c", "h")
+ADVERSARIAL = ("aml", "atl")
+
+
+class StageSettings(Section):
+    """What every stage's training loop reads."""
+    steps: PosInt = 200
+    batch_size: PosInt = 8
+    lr: Pos = 1e-3
     # "constant" (the paper's setting) or "cosine" (decay to zero by the last step: steadier
     # final weights on short runs)
-    lr_schedule: str = "constant"
-    weight_decay: float = 0.0
-    grad_clip: float = 5.0
-    checkpoint_every: int = 50
-    val_batches: int = 4
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    weight_decay: NonNeg = 0.0
+    grad_clip: NonNeg = 5.0
+    checkpoint_every: PosInt = 50
+    val_batches: NonNegInt = 4
     # training windows start at a random STFT frame (running into the next chunk), not only
     # on the chunk grid; validation and evaluation always read the grid
     random_windows: bool = True
+
+
+class _Transcribes(StageSettings):
     # weight of positive cells in every transcription BCE (1 = plain BCE, as the paper)
-    pos_weight: float = 1.0
-    # separator / baseline / finetune: mixture losses in {"c", "h"}
-    masks: list[str] = field(default_factory=lambda: ["c", "h"])
-    lambda_tr: float = 1.0
-    lambda_c: float = 1.0
-    lambda_h: float = 1.0
-    # finetune: adversarial losses in {"aml", "atl"}
-    adversarial: list[str] = field(default_factory=list)
-    lambda_t: float = 1.0
-    lambda_adv: float = 1.0
-    beta: float = 0.1
-    margin: float = 1.0
-    t_lr: float = 1e-4
-
-    def validate(self, path: str) -> None:
-        _positive(self, path, "steps", "batch_size", "lr", "checkpoint_every", "t_lr", "pos_weight")
-        for name in ("weight_decay", "grad_clip", "val_batches", "lambda_tr", "lambda_c", "lambda_h",
-                     "lambda_t", "lambda_adv", "beta", "margin"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{path}.{name}: must be >= 0, got {getattr(self, name)}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ConfigError(f"{path}.lr_schedule: 'constant' or 'cosine', got {self.lr_schedule!r}")
-        bad = [m for m in self.masks if m not in ("c", "h")]
-        if bad or len(set(self.masks)) != len(self.masks):
-            raise ConfigError(f"{path}.masks: subset of ['c', 'h'] expected, got {self.masks}")
-        bad = [a for a in self.adversarial if a not in ("aml", "atl")]
-        if bad or len(set(self.adversarial)) != len(self.adversarial):
-            raise ConfigError(f"{path}.adversarial: subset of ['aml', 'atl'] expected, got {self.adversarial}")
+    pos_weight: Pos = 1.0
 
 
-STAGE_NAMES = ("transcriptor", "separator", "finetune", "classifier", "baseline", "supervised")
+class TranscriptorSettings(_Transcribes):
+    pass
 
 
-def _default_stages() -> dict[str, StageConfig]:
-    return {name: StageConfig() for name in STAGE_NAMES}
+class SeparatorSettings(_Transcribes):
+    # mixture losses: "c" clip-level, "h" harmonic masks
+    masks: list[Literal["c", "h"]] = Field(default_factory=lambda: ["c", "h"])
+    lambda_tr: NonNeg = 1.0
+    lambda_c: NonNeg = 1.0
+    lambda_h: NonNeg = 1.0
+
+    @field_validator("masks")
+    @classmethod
+    def _masks(cls, v: list[str]) -> list[str]:
+        return _distinct("masks", v, MASKS)
+
+
+class FinetuneSettings(SeparatorSettings):
+    # adversarial losses: "aml" (mixture), "atl" (transcription)
+    adversarial: list[Literal["aml", "atl"]] = Field(default_factory=list)
+    lambda_t: NonNeg = 1.0
+    lambda_adv: NonNeg = 1.0
+    beta: NonNeg = 0.1
+    margin: NonNeg = 1.0
+    t_lr: Pos = 1e-4
+
+    @field_validator("adversarial")
+    @classmethod
+    def _adversarial(cls, v: list[str]) -> list[str]:
+        return _distinct("adversarial", v, ADVERSARIAL)
+
+
+class ClassifierSettings(StageSettings):
+    pass
+
+
+class BaselineSettings(StageSettings):
+    # weights of the classifier-guided term and the clip-level mixture term
+    lambda_cls: NonNeg = 1.0
+    lambda_c: NonNeg = 1.0
+
+
+class SupervisedSettings(StageSettings):
+    pass
+
+
+STAGE_SETTINGS: dict[str, type[StageSettings]] = {
+    "transcriptor": TranscriptorSettings, "separator": SeparatorSettings, "finetune": FinetuneSettings,
+    "classifier": ClassifierSettings, "baseline": BaselineSettings, "supervised": SupervisedSettings,
+}
+STAGE_NAMES = tuple(STAGE_SETTINGS)
+# settings renamed or moved, so an old preset gets a pointer instead of only "unknown"
+_RENAMED = {("baseline", "lambda_tr"): "lambda_cls"}
+
+
+class StagesConfig(Section):
+    transcriptor: TranscriptorSettings = Field(default_factory=TranscriptorSettings)
+    separator: SeparatorSettings = Field(default_factory=SeparatorSettings)
+    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
+    classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
+    baseline: BaselineSettings = Field(default_factory=BaselineSettings)
+    supervised: SupervisedSettings = Field(default_factory=SupervisedSettings)
+
+    def __getitem__(self, stage: str) -> StageSettings:
+        if stage not in STAGE_SETTINGS:
+            raise KeyError(stage)
+        return getattr(self, stage)
+
+    def __contains__(self, stage: object) -> bool:
+        return stage in STAGE_SETTINGS
 
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
-@dataclass
-class RayConfig:
-    workers: int = 2
+class RayConfig(Section):
+    workers: PosInt = 2
     # Fractional logical CPUs per worker leave room for Ray Data's read tasks (2-core pitfall).
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: Pos = 1.0
     # Logical CPUs of a local Ray instance; 0 = workers * cpus_per_worker + 2, at least 4.
-    num_cpus: int = 0
+    num_cpus: NonNegInt = 0
     use_gpu: bool = False
     # GPUs per worker with use_gpu; a fraction lets several single-worker Tune trials share a GPU.
-    gpus_per_worker: float = 1.0
-    max_failures: int = 2
+    gpus_per_worker: Pos = 1.0
+    max_failures: Annotated[int, Field(ge=-1)] = 2
     storage: str = ""
     address: str = ""
     # How a run's workers are placed on nodes: PACK (fewest nodes, the default), SPREAD
     # (one per node where possible), STRICT_PACK / STRICT_SPREAD (or fail to schedule).
-    placement_strategy: str = "PACK"
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # Keep Ray Data's block order fixed, so that a single-worker run is reproducible bit for bit
     # (seeds alone are not enough: blocks otherwise arrive in completion order). Costs some
     # ingest throughput; with several workers the split between them still follows timing.
     preserve_order: bool = False
 
-    def validate(self, path: str = "ray") -> None:
-        _positive(self, path, "workers", "cpus_per_worker")
-        if self.num_cpus < 0 or self.max_failures < -1:
-            raise ConfigError(f"{path}.num_cpus/max_failures: out of range")
-        if self.gpus_per_worker <= 0:
-            raise ConfigError(f"{path}.gpus_per_worker: must be > 0, got {self.gpus_per_worker}")
-        if self.placement_strategy not in PLACEMENT_STRATEGIES:
-            raise ConfigError(f"{path}.placement_strategy: {self.placement_strategy!r} is not one of "
-                              f"{list(PLACEMENT_STRATEGIES)}")
+    @model_validator(mode="after")
+    def _sharing(self) -> "RayConfig":
         if self.use_gpu and self.gpus_per_worker < 1 and self.workers > 1:
             # NCCL cannot run two ranks of one process group on the same device
-            raise ConfigError(f"{path}.gpus_per_worker: {self.gpus_per_worker} < 1 shares a GPU between the "
-                              f"{self.workers} DDP workers of one run; use ray.workers=1 to share GPUs between trials")
+            raise _Field("gpus_per_worker", f"{self.gpus_per_worker} < 1 shares a GPU between the {self.workers} "
+                                            "DDP workers of one run; use ray.workers=1 to share GPUs between trials")
+        return self
 
     def local_cpus(self) -> int:
         if self.num_cpus:
@@ -247,140 +309,114 @@ class RayConfig:
         return max(4, int(self.workers * self.cpus_per_worker + 0.999) + 2)
 
 
-@dataclass
-class PipelineConfig:
+class PipelineConfig(Section):
     # Stages to run, in dependency order; evaluation rows come from these.
-    stages: list[str] = field(default_factory=lambda: list(STAGE_NAMES))
+    stages: list[Literal[STAGE_NAMES]] = Field(default_factory=lambda: list(STAGE_NAMES))  # type: ignore[valid-type]
     # Separator variants: each entry is a mask list, e.g. [["c"], ["h"], ["c", "h"]].
-    separator_variants: list[list[str]] = field(default_factory=lambda: [["c", "h"]])
+    separator_variants: list[list[Literal["c", "h"]]] = Field(default_factory=lambda: [["c", "h"]])
     # Fine-tuning variants: each an adversarial list, e.g. [[], ["aml"], ["atl"]].
-    finetune_variants: list[list[str]] = field(default_factory=lambda: [[]])
+    finetune_variants: list[list[Literal["aml", "atl"]]] = Field(default_factory=lambda: [[]])
     eval_split: str = "test"
-    examples: int = 2
+    examples: NonNegInt = 2
     # Excerpts of real compositions (`wss-ray data scores`, needs music21) rendered as a
     # second test set and scored with the same checkpoints; 0 = none.
-    score_benchmark: int = 0
+    score_benchmark: NonNegInt = 0
     # Stages swept with Ray Tune instead of trained once: stage -> search space YAML. A swept
     # separator/finetune replaces its variants list (put masks/adversarial in the space); the
     # best trial feeds the next stage and every trial becomes a row of the results table.
-    sweeps: dict[str, str] = field(default_factory=dict)
+    sweeps: dict[Literal[STAGE_NAMES], str] = Field(default_factory=dict)  # type: ignore[valid-type]
 
-    def validate(self, path: str = "pipeline") -> None:
-        bad = [s for s in self.stages if s not in STAGE_NAMES]
-        if bad:
-            raise ConfigError(f"{path}.stages: unknown {bad}; known: {list(STAGE_NAMES)}")
-        bad = [s for s in self.sweeps if s not in STAGE_NAMES]
-        if bad:
-            raise ConfigError(f"{path}.sweeps: unknown stage(s) {bad}; known: {list(STAGE_NAMES)}")
-        for v in self.separator_variants:
-            if not v or any(m not in ("c", "h") for m in v):
-                raise ConfigError(f"{path}.separator_variants: each must be a non-empty subset of ['c','h'], got {v}")
-        for v in self.finetune_variants:
-            if any(a not in ("aml", "atl") for a in v):
-                raise ConfigError(f"{path}.finetune_variants: each must be a subset of ['aml','atl'], got {v}")
+    @field_validator("separator_variants")
+    @classmethod
+    def _sep_variants(cls, v: list[list[str]]) -> list[list[str]]:
+        for masks in v:
+            _distinct("separator_variants", masks, MASKS, empty_ok=False)
+        return v
+
+    @field_validator("finetune_variants")
+    @classmethod
+    def _ft_variants(cls, v: list[list[str]]) -> list[list[str]]:
+        for adv in v:
+            _distinct("finetune_variants", adv, ADVERSARIAL)
+        return v
 
 
-@dataclass
-class Config:
+class Config(Section):
     seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    synth: SynthConfig = field(default_factory=SynthConfig)
-    models: ModelsConfig = field(default_factory=ModelsConfig)
-    stages: dict[str, StageConfig] = field(default_factory=_default_stages)
-    ray: RayConfig = field(default_factory=RayConfig)
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
-
-    def validate(self) -> "Config":
-        self.data.validate()
-        self.synth.validate()
-        self.ray.validate()
-        self.pipeline.validate()
-        unknown = [s for s in self.stages if s not in STAGE_NAMES]
-        if unknown:
-            raise ConfigError(f"stages: unknown stage(s) {unknown}; known: {list(STAGE_NAMES)}")
-        for name in STAGE_NAMES:
-            self.stages.setdefault(name, StageConfig())
-            self.stages[name].validate(f"stages.{name}")
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    data: DataConfig = Field(default_factory=DataConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    stages: StagesConfig = Field(default_factory=StagesConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
 
-def _positive(obj: Any, path: str, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if not value > 0:
-            raise ConfigError(f"{path}.{name}: must be > 0, got {value!r}")
+# ---------------------------------------------------------------------------------------------
+# pydantic's errors, said the project's way: "<dotted.field>: <what is wrong>, got <value>"
+
+_EXPECTED = {"int_type": "expected an integer", "int_from_float": "expected an integer",
+             "float_type": "expected a number", "bool_type": "expected true/false",
+             "string_type": "expected a string", "list_type": "expected a list",
+             "dict_type": "expected a mapping", "model_type": "expected a mapping",
+             "model_attributes_type": "expected a mapping"}
 
 
-def _coerce(tp: Any, value: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
-        return _build(tp, value, path)
-    if origin is dict:
-        _, vt = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
-        return {k: _coerce(vt, v, f"{path}.{k}") for k, v in value.items()}
-    if origin is list:
-        (et,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        return [_coerce(et, v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _coerce(args[0], value, path)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{path}: must be a finite number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
-        return value
-    return value
+def _known_here(model: type[BaseModel], loc: tuple) -> list[str]:
+    node: Any = model
+    for part in loc:
+        fields = getattr(node, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        node = fields[part].annotation
+    return sorted(getattr(node, "model_fields", {}) or {})
 
 
-def _build(cls: type, data: dict[str, Any], path: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        prefix = f"{path}." if path else ""
-        raise ConfigError(f"unknown setting(s) {', '.join(prefix + u for u in unknown)}; "
-                          f"known here: {', '.join(sorted(names))}")
-    obj = cls()
-    for key, value in data.items():
-        sub = f"{path}.{key}" if path else key
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            # merge into defaults so a preset may set one nested field
-            merged = {**dataclasses.asdict(current), **value}
-            setattr(obj, key, _coerce(hints[key], merged, sub))
-        elif key == "stages" and isinstance(value, dict):
-            stages = dict(current)
-            for stage, sval in value.items():
-                base = dataclasses.asdict(stages.get(stage, StageConfig()))
-                if not isinstance(sval, dict):
-                    raise ConfigError(f"{sub}.{stage}: expected a mapping")
-                stages[stage] = _coerce(StageConfig, {**base, **sval}, f"{sub}.{stage}")
-            setattr(obj, key, stages)
-        else:
-            setattr(obj, key, _coerce(hints[key], value, sub))
-    return obj
+def _message(model: type[BaseModel], err: dict) -> str:
+    loc = tuple(err["loc"])
+    kind, value = err["type"], err.get("input")
+    path = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in loc if p != "[key]").replace(".[", "[")
+    if kind == "extra_forbidden":
+        parent = loc[:-1]
+        hint = ""
+        if len(loc) == 3 and loc[0] == "stages" and (loc[1], loc[2]) in _RENAMED:
+            hint = f" (renamed {'.'.join(map(str, parent))}.{_RENAMED[(loc[1], loc[2])]})"
+        return f"unknown setting(s) {path}{hint}; known here: {', '.join(_known_here(model, parent))}"
+    if kind in ("value_error", "assertion_error"):
+        exc = (err.get("ctx") or {}).get("error")
+        if isinstance(exc, _Field):
+            # a section-level check names one of the section's fields; a field-level one
+            # already sits at that field (or at an element of it: report the field)
+            base = [str(p) for p in loc if not isinstance(p, int)]
+            if not base or base[-1] != exc.name:
+                base.append(exc.name)
+            return f"{'.'.join(base)}: {exc}"
+        return f"{path}: {exc if exc else err['msg']}"
+    if kind == "finite_number":
+        return f"{path}: must be a finite number, got {value!r}"
+    if kind in _EXPECTED:
+        return f"{path}: {_EXPECTED[kind]}, got {value!r}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
+        bound = next(iter((err.get("ctx") or {}).values()), "?")
+        bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound
+        return f"{path}: must be {op} {bound}, got {value!r}"
+    if kind == "literal_error":
+        expected = re.findall(r"'([^']*)'", (err.get("ctx") or {}).get("expected", ""))
+        return f"{path}: {value!r} is not one of {expected}"
+    return f"{path}: {err['msg']}, got {value!r}"
+
+
+def _validate(model: type[BaseModel], data: Any) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        # the first error is the one to fix; the rest usually follow from it
+        raise ConfigError(_message(model, e.errors(include_url=False)[0])) from None
+
+
+def revalidated(section: Section) -> Section:
+    """Check a section after code changed its fields (assignment is not validated)."""
+    return _validate(type(section), section.model_dump())
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -400,7 +436,11 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
         if "=" not in pair:
             raise ConfigError(f"--set {pair!r}: expected key=value")
         key, raw = pair.split("=", 1)
-        _set_dotted(out, key.strip(), yaml_load(raw) if raw.strip() else "")
+        try:
+            value = yaml_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {pair!r}: not a YAML value ({str(e).splitlines()[0]})") from None
+        _set_dotted(out, key.strip(), value)
     return out
 
 
@@ -435,10 +475,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = _deep_merge(data, extra)
     data = _deep_merge(data, parse_overrides(overrides))
     try:
-        return _build(Config, data, "").validate()
+        return _validate(Config, data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    return _build(Config, data, "").validate()
+    return _validate(Config, data)

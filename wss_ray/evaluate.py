@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from wss_ray.atomic import atomic_path, write_text
 from wss_ray.config import Config
+from wss_ray.data.contract import MODEL_SIGNAL_KEYS
 from wss_ray.data.dataset import iter_local, load_manifest
 from wss_ray.dsp import STFT, midi_to_hz
 from wss_ray.losses import si_sdr
@@ -37,12 +38,6 @@ def oracle_irm(spec: torch.Tensor, stems_spec: torch.Tensor, stft: STFT, length:
     mag = stems_spec.abs()
     mask = mag / mag.sum(dim=1, keepdim=True).clamp(min=1e-8)
     return stft.inverse(mask * spec[:, None], length)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def multipitch_prf(pred: np.ndarray, ref: np.ndarray, fps: float, pitch_min: int) -> tuple[float, float, float]:
@@ -145,7 +140,7 @@ def _evaluate(checkpoints, data, out: Path, split, examples, batch_size, log, de
     for c, s in zip(checkpoints, seps):
         if s.instruments != insts:
             raise ValueError(f"{c}: trained on {s.instruments}, the data has {insts}")
-        for key in ("sample_rate", "n_fft", "hop", "pitch_min"):
+        for key in MODEL_SIGNAL_KEYS:
             if getattr(s, key) != manifest[key]:
                 raise ValueError(f"{c}: trained with {key}={getattr(s, key)}, the features in {data} have "
                                  f"{manifest[key]}")
@@ -222,14 +217,13 @@ def _evaluate(checkpoints, data, out: Path, split, examples, batch_size, log, de
                "multi_source": {"min_sources": MIN_SOURCES, "chunks": n_multi, "rows": rows,
                                 "per_chunk_si_sdr": per_chunk},
                "all_chunks": {"chunks": n_chunks, "rows": rows_all}}
-    _write_atomic(out / "results.json", json.dumps(results, indent=2))
-    _write_atomic(out / "transcription.json", json.dumps(trans, indent=2))
-    with open(out / ".results.csv.tmp", "w", newline="") as fh:
+    write_text(out / "results.json", json.dumps(results, indent=2))
+    write_text(out / "transcription.json", json.dumps(trans, indent=2))
+    with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["table"] + list(rows[0]))
         w.writeheader()
         w.writerows([{"table": "multi_source", **r} for r in rows] + [{"table": "all_chunks", **r} for r in rows_all])
-    os.replace(out / ".results.csv.tmp", out / "results.csv")
-    _write_atomic(out / "results.md", table)
+    write_text(out / "results.md", table)
     from wss_ray.plots import plot_distributions, plot_results
 
     plot_results(rows, out / "results.png", f"SI-SDR (dB) on {split}, mean over multi-source chunks")

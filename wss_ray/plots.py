@@ -3,10 +3,11 @@ drawn over the spectrogram, and the results table as a bar chart. PNG files via 
 Agg backend (no display needed)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from wss_ray.atomic import atomic_path
 
 
 def _pyplot():
@@ -20,11 +21,11 @@ def _pyplot():
 
 def _save(fig, path: Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    _pyplot().close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    finally:
+        _pyplot().close(fig)
     return path
 
 

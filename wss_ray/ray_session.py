@@ -56,12 +56,15 @@ def _start_local(cfg: RayConfig, attempts: int = 3) -> None:
             # quiet by default: workers' and Ray's own output go to Ray's log files (path printed);
             # the project's progress reaches the console through the runner's progress file
             ray.init(num_cpus=cfg.local_cpus(), include_dashboard=True, dashboard_host="127.0.0.1",
-                     log_to_driver=verbose(), logging_level=logging.INFO if verbose() else logging.WARNING,
+                     log_to_driver=verbose(), logging_level=logging.INFO if verbose() else logging.ERROR,
                      runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}})
             _LOCAL["started"] = True
             if not verbose():
-                print(f"[ray] local instance with {cfg.local_cpus()} logical CPUs; Ray's own logs: "
-                      f"{_logs_dir()} (--verbose shows them here)")
+                _quiet_raylet_notices()
+                # Ray's start-up warning, said once in the project's words: the local instance
+                # only listens on this machine and asks for a token (Ray's default since 2.5x)
+                print(f"[ray] local instance with {cfg.local_cpus()} logical CPUs, listening on this machine "
+                      f"only; Ray's own logs: {_logs_dir()} (--verbose shows them here)")
             return
         except Exception:
             # the port was taken between the probe and the GCS binding it
@@ -83,8 +86,11 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     if not verbose():
-        # Ray's warnings about its own set-up (token auth on, progress bars off) go to its log files
+        # Ray's notices about its own set-up (token auth on, progress bars off, each dataset's
+        # "execution finished") are not the user's business on the console; Ray Data configures
+        # its loggers itself and reads its level from this variable
         logging.getLogger("ray").setLevel(logging.ERROR)
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
     address = cfg.address or os.environ.get("RAY_ADDRESS", "")
     if address:
         ray.init(address=address, log_to_driver=True)
@@ -98,6 +104,29 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     if not verbose():
         # deprecation notices about Ray's own internals: nothing a user of this project can act on
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray(\.|$)")
+
+
+def _quiet_raylet_notices() -> None:
+    """The raylet's notice "N PYTHON worker processes have been started ..." (Ray Data's read
+    tasks on a small machine) reaches the driver's console whatever ``log_to_driver`` says; it is
+    left in Ray's log files instead. A private hook: if Ray moves it, the notice just shows."""
+    try:
+        import ray._private.worker as w
+    except ImportError:
+        return
+    original = w.print_to_stdstream
+    if getattr(original, "_wss_quiet", False):
+        return
+
+    def printer(data, *args, **kwargs):
+        # only this notice: others from the raylet (a worker killed for memory) matter
+        if data.get("pid") == "raylet" and any("worker processes have been started" in str(line)
+                                               for line in data.get("lines", ())):
+            return None
+        return original(data, *args, **kwargs)
+
+    printer._wss_quiet = True
+    w.print_to_stdstream = printer
 
 
 def _logs_dir() -> str:

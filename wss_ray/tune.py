@@ -26,28 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from wss_ray.config import Config, ConfigError, _deep_merge, _set_dotted, config_from_dict, read_yaml_mapping
+from wss_ray.config import (Config, ConfigError, _deep_merge, _set_dotted, config_from_dict, read_yaml_mapping,
+                            revalidated)
+from wss_ray.atomic import write_text
 from wss_ray.tune_handoff import HANDOFF
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 SPACE_KEYS = {"stage", "samples", "scheduler", "params"}
 SCHEDULER_KEYS = {"grace_period", "reduction_factor"}
-_COMMON = {"lr", "lr_schedule", "weight_decay", "grad_clip", "pos_weight", "batch_size"}
-# stage fields that act on each stage (tuning anything else would only waste trials)
-TUNABLE = {
-    "transcriptor": _COMMON,
-    "separator": _COMMON | {"masks", "lambda_tr", "lambda_c", "lambda_h"},
-    "finetune": _COMMON | {"masks", "lambda_tr", "lambda_c", "lambda_h", "adversarial", "lambda_t",
-                           "lambda_adv", "beta", "margin", "t_lr"},
-    "classifier": _COMMON,
-    "baseline": _COMMON | {"lambda_tr", "lambda_c"},
-    "supervised": _COMMON,
-}
-# model sizes of the models a stage creates from scratch
-TUNABLE_MODELS = {"transcriptor": "transcriptor", "separator": "separator", "classifier": "classifier",
-                  "baseline": "separator", "supervised": "separator"}
-
-
 @dataclass
 class Dimension:
     path: str          # full dotted config path, e.g. stages.separator.lambda_tr
@@ -113,10 +99,15 @@ def apply_params(base: Config, params: dict[str, Any]) -> Config:
 
 
 def _resolve_path(stage: str, key: str, cfg: Config, where: str) -> str:
+    from wss_ray.stages import RECIPES
+
+    # each recipe declares the settings that act on it and the model it creates
+    tunable, creates = RECIPES[stage].tunable, RECIPES[stage].creates
     if "." not in key:
-        if key not in TUNABLE[stage]:
+        if key not in tunable:
             raise ConfigError(f"{where}: '{key}' is not a setting that acts on stage '{stage}'; "
-                              f"tunable here: {sorted(TUNABLE[stage])} or models.{TUNABLE_MODELS.get(stage, '?')}.*")
+                              f"tunable here: {sorted(tunable)}"
+                              + (f" or models.{creates}.*" if creates else ""))
         return f"stages.{stage}.{key}"
     node: Any = cfg.to_dict()
     for part in key.split("."):
@@ -127,12 +118,12 @@ def _resolve_path(stage: str, key: str, cfg: Config, where: str) -> str:
         raise ConfigError(f"{where}: '{key}' is a section, not a setting")
     parts = key.split(".")
     if parts[0] == "stages":
-        if parts[1] != stage or parts[2] not in TUNABLE[stage]:
+        if parts[1] != stage or parts[2] not in tunable:
             raise ConfigError(f"{where}: '{key}' does not act on stage '{stage}'")
     elif parts[0] == "models":
-        if TUNABLE_MODELS.get(stage) != parts[1]:
+        if creates != parts[1]:
             raise ConfigError(f"{where}: '{key}' does not act on stage '{stage}' (it "
-                              + (f"creates only models.{TUNABLE_MODELS[stage]}" if stage in TUNABLE_MODELS
+                              + (f"creates only models.{creates}" if creates
                                  else "takes its models from the parent checkpoint") + ")")
     else:
         raise ConfigError(f"{where}: '{key}' cannot be tuned per trial (only stages.{stage}.* and models.*)")
@@ -231,11 +222,7 @@ def _write_json(folder: str, name: str, obj: Any) -> None:
     """Atomic on a local folder; through pyarrow.fs on an object store."""
     text = json.dumps(obj, indent=2, default=str)
     if _is_local(folder):
-        d = _local_path(folder)
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".{name}.tmp-{os.getpid()}"
-        tmp.write_text(text)
-        os.replace(tmp, d / name)
+        write_text(_local_path(folder) / name, text)
         return
     import pyarrow.fs
 
@@ -268,7 +255,7 @@ def run_sweep(stage: str, cfg: Config, space: SearchSpace, data: str | Path, par
     if gpus_per_trial:
         cfg.ray.use_gpu = True
         cfg.ray.gpus_per_worker = gpus_per_trial / cfg.ray.workers
-        cfg.ray.validate()
+        revalidated(cfg.ray)
     name = name or f"tune-{stage}"
     storage = storage or cfg.ray.storage or str(Path("runs").resolve())
     if _is_local(storage):

@@ -10,6 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from wss_ray.atomic import atomic_path
 from wss_ray.checkpoint import META_FILE, CheckpointError
 
 HANDOFF = "best.json"
@@ -21,9 +22,8 @@ def _fetch(uri: str) -> Path:
     cache = Path(os.environ.get("WSS_RAY_CACHE", Path(tempfile.gettempdir()) / "wss-ray-cache"))
     local = cache / hashlib.sha256(uri.encode()).hexdigest()[:16]
     if not (local / META_FILE).is_file():
-        tmp = local.with_name(local.name + f".tmp-{os.getpid()}")
-        Checkpoint(uri).to_directory(str(tmp))
-        os.replace(tmp, local)
+        with atomic_path(local, directory=True) as tmp:
+            Checkpoint(uri).to_directory(str(tmp))
     return local
 
 

@@ -4,7 +4,8 @@
 built, so a weakly supervised stage cannot read a reference even by mistake.
 ``supervised_dataset`` joins features with stems by (track, chunk) for the supervised
 upper bound and for evaluation. Both yield Arrow batches that :func:`to_tensors` turns into
-``mix (B, L)``, ``roll (B, K, P, N)``, ``active (B, K)`` and ``stems (B, K, L)``.
+``mix (B, L)``, ``roll (B, K, P, N)``, ``active (B, K)`` and ``stems (B, K, L)``. The layout,
+schema and manifest they read are defined in :mod:`wss_ray.data.contract`.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from wss_ray.data.featurize import MANIFEST, SCHEMA_VERSION, _fixed
+from wss_ray.data.contract import (FEATURES, MANIFEST, SCHEMA_VERSION, STEM_COLUMNS, STEMS, fixed_list, fixed_to_numpy,
+                                   manifest_dims, shard_files, to_tensors)
 
 
 class DataError(ValueError):
@@ -40,14 +42,14 @@ def load_manifest(data_dir: str | Path) -> dict:
 
 def _shards(data_dir: str | Path, split: str, kind: str) -> list[str]:
     folder = Path(data_dir) / split / kind
-    files = sorted(str(p) for p in folder.glob("*.parquet") if not p.name.startswith("."))
+    files = [str(p) for p in shard_files(folder)]
     if not files:
         raise DataError(f"{folder}: no Parquet shards (is '{split}' a featurized split?)")
     return files
 
 
 def feature_files(data_dir: str | Path, split: str) -> list[str]:
-    return _shards(data_dir, split, "features")
+    return _shards(data_dir, split, FEATURES)
 
 
 # Splits up to this size are held in Ray's object store once and replayed for every epoch.
@@ -122,9 +124,8 @@ def random_windows(table: pa.Table, manifest: dict, rng: np.random.Generator) ->
     chunk. Same schema, same row count."""
     if table.num_rows == 0:
         return table
-    k = len(manifest["instruments"])
-    p = manifest["pitch_max"] - manifest["pitch_min"] + 1
-    n, l, hop = manifest["n_frames"], manifest["chunk_samples"], manifest["hop"]
+    k, p, n, l = manifest_dims(manifest)
+    hop = manifest["hop"]
     tracks = table.column("track").to_pylist()
     chunks = table.column("chunk").to_numpy()
     where = {(t, int(c)): i for i, (t, c) in enumerate(zip(tracks, chunks))}
@@ -137,7 +138,7 @@ def random_windows(table: pa.Table, manifest: dict, rng: np.random.Generator) ->
     cols = {name: table.column(name) for name in table.column_names}
 
     def slide(name: str, shape: tuple, axis_len: int, step: int, pair) -> pa.Array:
-        x = _fixed_to_numpy(cols[name], shape)
+        x = fixed_to_numpy(cols[name], shape)
         both = pair(x[has], x[nxt[has]])                        # (R', ..., 2 * axis_len - overlap)
         idx = offsets[has, None] * step + np.arange(axis_len)
         idx = idx.reshape(len(has), *([1] * (len(shape) - 1)), axis_len)
@@ -149,13 +150,13 @@ def random_windows(table: pa.Table, manifest: dict, rng: np.random.Generator) ->
     roll = slide("roll", (k, p, n), n, 1, lambda a, b: np.concatenate([a[..., :-1], b], axis=-1))
     new = {
         "start": pa.array(table.column("start").to_numpy() + offsets * hop, pa.int64()),
-        "mix": _fixed(mix, l, pa.float32()),
-        "roll": _fixed(roll, k * p * n, pa.uint8()),
-        "active": _fixed(roll.reshape(len(roll), k, -1).max(axis=-1), k, pa.uint8()),
+        "mix": fixed_list(mix, l, pa.float32()),
+        "roll": fixed_list(roll, k * p * n, pa.uint8()),
+        "active": fixed_list(roll.reshape(len(roll), k, -1).max(axis=-1), k, pa.uint8()),
     }
     if "stems" in cols:
         stems = slide("stems", (k, l), l, hop, lambda a, b: np.concatenate([a, b], axis=-1))
-        new["stems"] = _fixed(stems, k * l, pa.float32())
+        new["stems"] = fixed_list(stems, k * l, pa.float32())
     return pa.Table.from_arrays([new.get(name, cols[name]) for name in table.column_names], schema=table.schema)
 
 
@@ -173,14 +174,14 @@ class _Windows:
 
 def _stems_for(data_dir: str, split: str, table: pa.Table) -> pa.Table:
     """Append the ``stems`` column matching (track, chunk) of each row of ``table``."""
-    folder = Path(data_dir) / split / "stems"
+    folder = Path(data_dir) / split / STEMS
     parts = []
     tracks = table.column("track").to_pylist()
     for track in dict.fromkeys(tracks):
         path = folder / f"{track}.parquet"
         if not path.is_file():
             raise DataError(f"{path}: stems shard missing for track {track}")
-        parts.append(pq.read_table(path, columns=["track", "chunk", "stems"]))
+        parts.append(pq.read_table(path, columns=list(STEM_COLUMNS)))
     stems = pa.concat_tables(parts)
     key = pc.binary_join_element_wise(stems.column("track"), pc.cast(stems.column("chunk"), pa.string()), "#")
     want = pc.binary_join_element_wise(table.column("track"), pc.cast(table.column("chunk"), pa.string()), "#")
@@ -201,35 +202,8 @@ class _AttachStems:
 def supervised_dataset(data_dir: str | Path, split: str, repeat: int = 1, seed: int | None = None,
                        windows: bool = False):
     """Ray Data Dataset of features rows joined with their reference stems."""
-    _shards(data_dir, split, "stems")  # fail now, naming the folder, rather than inside a Ray task
+    _shards(data_dir, split, STEMS)  # fail now, naming the folder, rather than inside a Ray task
     return _passes(data_dir, split, repeat, seed, attach=_AttachStems(str(data_dir), split), windows=windows)
-
-
-def _fixed_to_numpy(col: pa.ChunkedArray | pa.Array, shape: tuple[int, ...]) -> np.ndarray:
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, *shape)
-
-
-def to_tensors(batch: pa.Table | dict, manifest: dict) -> dict[str, torch.Tensor]:
-    """Arrow batch (or a dict of numpy columns) -> float tensors in the shapes of the contract."""
-    k = len(manifest["instruments"])
-    p = manifest["pitch_max"] - manifest["pitch_min"] + 1
-    n, l = manifest["n_frames"], manifest["chunk_samples"]
-    if isinstance(batch, dict):
-        get = lambda name, shape: np.asarray(np.stack(list(batch[name])) if batch[name].dtype == object
-                                             else batch[name]).reshape(-1, *shape)
-    else:
-        get = lambda name, shape: _fixed_to_numpy(batch.column(name), shape)
-    names = batch.column_names if not isinstance(batch, dict) else list(batch)
-    out = {
-        "mix": torch.from_numpy(np.require(get("mix", (l,)), np.float32, ["C", "W"])),
-        "roll": torch.from_numpy(get("roll", (k, p, n)).astype(np.float32)),
-        "active": torch.from_numpy(get("active", (k,)).astype(np.float32)),
-    }
-    if "stems" in names:
-        out["stems"] = torch.from_numpy(np.require(get("stems", (k, l)), np.float32, ["C", "W"]))
-    return out
 
 
 def load_split(data_dir: str | Path, split: str, with_stems: bool = False) -> pa.Table:

@@ -8,10 +8,8 @@ exist; a bad track is named in the log and in ``featurize_report.json`` and skip
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -20,44 +18,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from wss_ray.atomic import atomic_path, write_text
 from wss_ray.config import DataConfig, RayConfig
+from wss_ray.data.contract import (FEATURES, MANIFEST, MANIFEST_KEYS, REPORT, SCHEMA_VERSION, features_schema,
+                                   fixed_list, shard_files, shard_paths, stems_schema)
 from wss_ray.data.score import notes_to_roll
 from wss_ray.data.slakh import list_tracks, load_track, read_sources
 
-SCHEMA_VERSION = 1
-REPORT = "featurize_report.json"
-MANIFEST = "manifest.json"
-# Settings a manifest must agree on with the config for shards to be mixed in one folder.
-MANIFEST_KEYS = ("sample_rate", "chunk_samples", "n_fft", "hop", "instruments", "pitch_min", "pitch_max", "mix")
-
-
-def features_schema(cfg: DataConfig) -> pa.Schema:
-    k, p, f, l = len(cfg.instruments), cfg.n_pitches, cfg.n_frames, cfg.chunk_samples
-    return pa.schema([
-        ("track", pa.string()), ("chunk", pa.int32()), ("start", pa.int64()),
-        ("mix", pa.list_(pa.float32(), l)), ("roll", pa.list_(pa.uint8(), k * p * f)),
-        ("active", pa.list_(pa.uint8(), k)),
-    ])
-
-
-def stems_schema(cfg: DataConfig) -> pa.Schema:
-    return pa.schema([("track", pa.string()), ("chunk", pa.int32()),
-                      ("stems", pa.list_(pa.float32(), len(cfg.instruments) * cfg.chunk_samples))])
-
-
-def _fixed(values: np.ndarray, size: int, typ: pa.DataType) -> pa.Array:
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=typ), size)
-
-
-def shard_paths(out: Path, split: str, track: str) -> tuple[Path, Path]:
-    return out / split / "features" / f"{track}.parquet", out / split / "stems" / f"{track}.parquet"
-
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
 
 
 def chunk_track(mix: np.ndarray, stems: np.ndarray, notes: list[np.ndarray], cfg: DataConfig):
@@ -106,12 +77,12 @@ def featurize_track(split: str, track_dir: str, out: str, cfg_dict: dict) -> dic
         chunks = pa.array([r[0] for r in rows], pa.int32())
         feats = pa.Table.from_arrays([
             names, chunks, pa.array([r[1] for r in rows], pa.int64()),
-            _fixed(np.stack([r[2] for r in rows]), l, pa.float32()),
-            _fixed(np.stack([r[4] for r in rows]), k * p * f, pa.uint8()),
-            _fixed(np.stack([r[5] for r in rows]), k, pa.uint8()),
+            fixed_list(np.stack([r[2] for r in rows]), l, pa.float32()),
+            fixed_list(np.stack([r[4] for r in rows]), k * p * f, pa.uint8()),
+            fixed_list(np.stack([r[5] for r in rows]), k, pa.uint8()),
         ], schema=features_schema(cfg))
-        stem_tab = pa.Table.from_arrays([names, chunks, _fixed(np.stack([r[3] for r in rows]), k * l, pa.float32())],
-                                        schema=stems_schema(cfg))
+        stem_tab = pa.Table.from_arrays(
+            [names, chunks, fixed_list(np.stack([r[3] for r in rows]), k * l, pa.float32())], schema=stems_schema(cfg))
         fpath, spath = shard_paths(Path(out), split, track.name)
         # stems first: the features shard is the "track finished" marker
         _write_atomic(stem_tab, spath)
@@ -146,7 +117,7 @@ def _file_sha(path: Path) -> str:
 def fingerprint(out: Path) -> str:
     """Content hash of every shard (features and stems) with its relative path."""
     h = hashlib.sha256()
-    for p in sorted(out.glob("*/*/*.parquet")):
+    for p in shard_files(out, "*/*/*.parquet"):
         h.update(str(p.relative_to(out)).encode())
         h.update(_file_sha(p).encode())
     return h.hexdigest()[:16]
@@ -168,14 +139,17 @@ def _check_splits(out: Path, tracks: list) -> None:
     """A track already featurized under another split (a flat corpus that grew, a track moved
     between split folders) would be in two splits at once: test data in training."""
     for split, track in tracks:
-        for other in out.glob(f"*/features/{track.name}.parquet"):
+        for other in out.glob(f"*/{FEATURES}/{track.name}.parquet"):
             if other.parent.parent.name != split:
                 raise ValueError(f"{track}: the corpus puts this track in '{split}', the features in {out} have it "
                                  f"in '{other.parent.parent.name}'; featurize into a new --out folder")
 
 
 def _clean_temp(out: Path) -> None:
-    for tmp in out.glob("*/*/.*.tmp-*"):
+    # what a killed run left: wss_ray.atomic's temporaries are hidden ".<stem>.tmp-<pid><suffix>"
+    # siblings of the shards (and of the report and manifest, at the top); being named by pid,
+    # a rerun would not overwrite them
+    for tmp in [*out.glob(".*.tmp-*"), *out.glob("*/*/.*.tmp-*")]:
         tmp.unlink()
 
 
@@ -221,9 +195,7 @@ def featurize(slakh: str | Path, out: str | Path, cfg: DataConfig, ray_cfg: RayC
                 log(f"[featurize] {i}/{len(todo)} {row['split']}/{row['track']}: {row['chunks']} chunks "
                     f"({row['seconds']:.1f} s); {describe_mapping(mapping, cfg.instruments)}")
     wall = time.time() - t0
-    tmp = report_path.with_name(REPORT + ".tmp")
-    tmp.write_text(json.dumps({"bad_tracks": errors, "tracks": dict(sorted(mappings.items()))}, indent=2))
-    os.replace(tmp, report_path)
+    write_text(report_path, json.dumps({"bad_tracks": errors, "tracks": dict(sorted(mappings.items()))}, indent=2))
     manifest = write_manifest(out, cfg, source=str(slakh))
     log(f"[featurize] {sum(v['chunks'] for v in manifest['splits'].values())} chunks in "
         f"{len(manifest['splits'])} split(s); {len(errors)} bad track(s)"
@@ -240,7 +212,7 @@ def _map_ray(todo: list, out: Path, cfg: DataConfig, ray_cfg: RayConfig | None):
 
     ensure_ray(ray_cfg)
     items = [{"split": s, "track_dir": str(t)} for s, t in todo]
-    cfg_dict = dataclasses.asdict(cfg)
+    cfg_dict = cfg.to_dict()
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map(lambda r: featurize_track(r["split"], r["track_dir"], str(out), cfg_dict),
                 num_cpus=1, compute=ray.data.TaskPoolStrategy(size=cfg.workers))
@@ -251,7 +223,7 @@ def _map_local(todo: list, out: Path, cfg: DataConfig):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    cfg_dict = dataclasses.asdict(cfg)
+    cfg_dict = cfg.to_dict()
     # spawn: a forked child of a process holding torch or Ray threads can hang
     with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(featurize_track, s, str(t), str(out), cfg_dict) for s, t in todo]
@@ -261,8 +233,8 @@ def _map_local(todo: list, out: Path, cfg: DataConfig):
 
 def write_manifest(out: Path, cfg: DataConfig, source: str = "") -> dict:
     splits = {}
-    for split_dir in sorted(p for p in out.iterdir() if (p / "features").is_dir()):
-        shards = sorted(split_dir.glob("features/*.parquet"))
+    for split_dir in sorted(p for p in out.iterdir() if (p / FEATURES).is_dir()):
+        shards = shard_files(split_dir / FEATURES)
         chunks = sum(pq.ParquetFile(s).metadata.num_rows for s in shards)
         splits[split_dir.name] = {"tracks": len(shards), "chunks": chunks}
     manifest = {
@@ -272,7 +244,5 @@ def write_manifest(out: Path, cfg: DataConfig, source: str = "") -> dict:
         "instruments": list(cfg.instruments), "pitch_min": cfg.pitch_min, "pitch_max": cfg.pitch_max,
         "mix": cfg.mix, "splits": splits, "fingerprint": fingerprint(out), "source": source,
     }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / MANIFEST)
+    write_text(out / MANIFEST, json.dumps(manifest, indent=2))
     return manifest

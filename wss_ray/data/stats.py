@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from wss_ray.config import DataConfig
-from wss_ray.data.featurize import MANIFEST, REPORT, describe_mapping
+from wss_ray.data.contract import FEATURES, MANIFEST, REPORT, STEMS, shard_files
+from wss_ray.data.featurize import describe_mapping
 from wss_ray.data.slakh import SlakhError, list_tracks, read_sources
 
 # the evaluation's rule: a reference whose peak is under this (about -60 dBFS) is silent
@@ -59,11 +60,11 @@ def feature_stats(data: str | Path, log: Callable[[str], None] = print) -> dict:
     for split in sorted(manifest["splits"]):
         scored = np.zeros(k + 1, np.int64)
         audible = np.zeros(k + 1, np.int64)
-        for shard in sorted((data / split / "features").glob("*.parquet")):
+        for shard in shard_files(data / split / FEATURES):
             active = pq.read_table(shard, columns=["active"]).column("active").combine_chunks()
             counts = active.flatten().to_numpy(zero_copy_only=False).reshape(-1, k).sum(1)
             scored += np.bincount(counts, minlength=k + 1)
-            stems = data / split / "stems" / shard.name
+            stems = data / split / STEMS / shard.name
             if stems.is_file():
                 col = pq.read_table(stems, columns=["stems"]).column("stems").combine_chunks()
                 peak = np.abs(col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), k, -1)).max(-1)

@@ -14,7 +14,7 @@ import hashlib
 import math
 import multiprocessing
 import os
-import shutil
+import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 import yaml
 
+from wss_ray.atomic import atomic_path
 from wss_ray.config import INSTRUMENT_CLASSES
 
 SOUNDFONT_CANDIDATES = (
@@ -308,55 +309,54 @@ def make_track(out_dir: str, split: str, index: int, seed: int, seconds: float,
     final = Path(out_dir) / split / name
     if final.is_dir():
         return {"track": name, "split": split, "skipped": True, "seconds": 0.0}
-    tmp = final.with_name(f".{name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "stems").mkdir(parents=True)
-    (tmp / "MIDI").mkdir()
+    # a track folder appears whole or not at all: an interrupted run redoes only unfinished tracks
+    with atomic_path(final, directory=True, replace=False) as tmp:
+        (tmp / "stems").mkdir(parents=True)
+        (tmp / "MIDI").mkdir()
 
-    song = (composer or compose)(seed, index, seconds)
-    synth_state = _new_synth()
-    sr = synth_state[2]
-    n = int(round(seconds * sr))
-    full = pretty_midi.PrettyMIDI(initial_tempo=song.tempo)
-    stems, meta_stems = {}, {}
-    for s_idx, (inst_name, inst) in enumerate(song.parts.items()):
-        sid = f"S{s_idx:02d}"
-        one = pretty_midi.PrettyMIDI(initial_tempo=song.tempo)
-        one.instruments.append(inst)
-        one.write(str(tmp / "MIDI" / f"{sid}.mid"))
-        full.instruments.append(inst)
-        # render what the file holds (tick-quantised), so score and audio agree exactly
-        rendered = pretty_midi.PrettyMIDI(str(tmp / "MIDI" / f"{sid}.mid")).instruments[0]
-        stems[sid] = render_instrument(synth_state, rendered, n)
-        cls = INSTRUMENT_CLASSES[inst_name.split("#")[0]][0]
-        meta_stems[sid] = {
-            "audio_rendered": True, "inst_class": cls, "integrated_loudness": 0.0,
-            "is_drum": False, "midi_program_name": pretty_midi.program_to_instrument_name(inst.program),
-            "midi_saved": True, "plugin_name": soundfont_name, "program_num": int(inst.program),
+        song = (composer or compose)(seed, index, seconds)
+        synth_state = _new_synth()
+        sr = synth_state[2]
+        n = int(round(seconds * sr))
+        full = pretty_midi.PrettyMIDI(initial_tempo=song.tempo)
+        stems, meta_stems = {}, {}
+        for s_idx, (inst_name, inst) in enumerate(song.parts.items()):
+            sid = f"S{s_idx:02d}"
+            one = pretty_midi.PrettyMIDI(initial_tempo=song.tempo)
+            one.instruments.append(inst)
+            one.write(str(tmp / "MIDI" / f"{sid}.mid"))
+            full.instruments.append(inst)
+            # render what the file holds (tick-quantised), so score and audio agree exactly
+            rendered = pretty_midi.PrettyMIDI(str(tmp / "MIDI" / f"{sid}.mid")).instruments[0]
+            stems[sid] = render_instrument(synth_state, rendered, n)
+            cls = INSTRUMENT_CLASSES[inst_name.split("#")[0]][0]
+            meta_stems[sid] = {
+                "audio_rendered": True, "inst_class": cls, "integrated_loudness": 0.0,
+                "is_drum": False, "midi_program_name": pretty_midi.program_to_instrument_name(inst.program),
+                "midi_saved": True, "plugin_name": soundfont_name, "program_num": int(inst.program),
+            }
+        full.write(str(tmp / "all_src.mid"))
+        synth_state[0].delete()
+
+        total = sum(stems.values()) if stems else np.zeros(n)
+        peak = float(np.max(np.abs(total))) if n else 0.0
+        scale = 0.8 / peak if peak > 0.8 else 1.0
+        q = {sid: np.round(np.clip(x * scale, -1, 1) * 32767).astype(np.int16) for sid, x in stems.items()}
+        mix = np.sum([v.astype(np.int32) for v in q.values()], axis=0) if q else np.zeros(n, np.int32)
+        assert np.abs(mix).max(initial=0) <= 32767, "mix exceeds 16-bit range"
+        ext = audio_format
+        for sid, x in q.items():
+            sf.write(str(tmp / "stems" / f"{sid}.{ext}"), x, sr, subtype="PCM_16")
+            meta_stems[sid]["integrated_loudness"] = _loudness_db(x / 32768.0)
+        sf.write(str(tmp / f"mix.{ext}"), mix.astype(np.int16), sr, subtype="PCM_16")
+        meta = {
+            "UUID": hashlib.sha1(f"{seed}-{index}".encode()).hexdigest(),
+            "audio_dir": "stems", "midi_dir": "MIDI", "lmd_midi_dir": f"synthetic/{seed}/{index}.mid",
+            "normalization_factor": -13.0, "normalized": True, "overall_gain": round(scale, 6),
+            "stems": meta_stems, "target_peak": -1.0,
+            "synthetic": {"seed": seed, "tempo": song.tempo, "key": song.key, "mode": song.mode},
         }
-    full.write(str(tmp / "all_src.mid"))
-    synth_state[0].delete()
-
-    total = sum(stems.values()) if stems else np.zeros(n)
-    peak = float(np.max(np.abs(total))) if n else 0.0
-    scale = 0.8 / peak if peak > 0.8 else 1.0
-    q = {sid: np.round(np.clip(x * scale, -1, 1) * 32767).astype(np.int16) for sid, x in stems.items()}
-    mix = np.sum([v.astype(np.int32) for v in q.values()], axis=0) if q else np.zeros(n, np.int32)
-    assert np.abs(mix).max(initial=0) <= 32767, "mix exceeds 16-bit range"
-    ext = audio_format
-    for sid, x in q.items():
-        sf.write(str(tmp / "stems" / f"{sid}.{ext}"), x, sr, subtype="PCM_16")
-        meta_stems[sid]["integrated_loudness"] = _loudness_db(x / 32768.0)
-    sf.write(str(tmp / f"mix.{ext}"), mix.astype(np.int16), sr, subtype="PCM_16")
-    meta = {
-        "UUID": hashlib.sha1(f"{seed}-{index}".encode()).hexdigest(),
-        "audio_dir": "stems", "midi_dir": "MIDI", "lmd_midi_dir": f"synthetic/{seed}/{index}.mid",
-        "normalization_factor": -13.0, "normalized": True, "overall_gain": round(scale, 6),
-        "stems": meta_stems, "target_peak": -1.0,
-        "synthetic": {"seed": seed, "tempo": song.tempo, "key": song.key, "mode": song.mode},
-    }
-    (tmp / "metadata.yaml").write_text(yaml.safe_dump(meta, sort_keys=True))
-    os.replace(tmp, final)
+        (tmp / "metadata.yaml").write_text(yaml.safe_dump(meta, sort_keys=True))
     return {"track": name, "split": split, "skipped": False, "seconds": time.time() - t_start}
 
 
@@ -393,22 +393,29 @@ def synthesize_corpus(out: str | Path, tracks: int, seconds: float, seed: int,
     t0 = time.time()
     done = 0
     results = []
-    # fork only from a single-threaded caller: a forked child of a process holding threads (a Ray
-    # driver, say) can wait forever on a lock held at fork time. spawn needs the caller's main
-    # module to be importable (the `if __name__ == "__main__":` idiom).
-    method = "fork" if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods() \
-        else "spawn"
+    # fork only from a single-threaded caller without torch: a forked child of a process holding
+    # threads (a Ray driver, say, or torch's OpenMP pool once it has run an op) can wait forever
+    # on a lock held at fork time (seen: rendering hung after a torch STFT in the same process).
+    # spawn needs the caller's main module to be importable (the `if __name__ == "__main__":` idiom).
+    forkable = threading.active_count() == 1 and "torch" not in sys.modules
+    method = "fork" if forkable and "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method),
                              initializer=_init_worker,
                              initargs=(str(sf2), sample_rate)) as pool:
         futures = [pool.submit(make_track, str(out), split, i + 1, seed, seconds, audio_format, sf2.name, composer)
                    for i, split in enumerate(plan)]
+        # about ten progress lines whatever the corpus size: a line per track drowns the console
+        every = max(1, math.ceil(tracks / 10))
         for fut in as_completed(futures):
             r = fut.result()
             done += 1
             results.append(r)
-            state = "kept" if r["skipped"] else f"{r['seconds']:.1f} s"
-            log(f"[synth] {done}/{tracks} {r['split']}/{r['track']} ({state})")
+            if done % every == 0 or done == tracks:
+                kept = sum(x["skipped"] for x in results)
+                elapsed = time.time() - t0
+                eta = elapsed / done * (tracks - done)
+                log(f"[synth] {done}/{tracks} tracks ({kept} kept from an earlier run), {elapsed:.0f} s"
+                    + (f", ~{eta:.0f} s left" if done < tracks else ""))
     wall = time.time() - t0
     rendered = [r for r in results if not r["skipped"]]
     audio_s = len(rendered) * seconds

@@ -11,15 +11,19 @@ import torch
 from torch import nn
 
 from wss_ray.checkpoint import build_model, make_model
-from wss_ray.config import Config, StageConfig
+from wss_ray.config import Config, StageSettings
 from wss_ray.data.score import harmonic_basis, harmonic_masks
 from wss_ray.dsp import STFT
+
+
+# every stage's optimisation settings (steps and checkpointing only change how long it runs)
+COMMON_TUNABLE = frozenset({"lr", "lr_schedule", "weight_decay", "grad_clip", "batch_size"})
 
 
 @dataclass
 class StepContext:
     cfg: Config
-    stage: StageConfig
+    stage: StageSettings
     manifest: dict
     device: torch.device
     parent: dict | None = None          # parent checkpoint payload
@@ -129,8 +133,12 @@ class Recipe(abc.ABC):
     trainable: tuple[str, ...] = ()   # models with an optimizer (DDP-wrapped by the runner)
     val_metric = "val_loss"
     val_mode = "min"
+    # settings of stages.<name> that a Tune sweep may vary (they act on this stage), and the
+    # models.<key> section of the model it creates from scratch (None: all come from parents)
+    tunable: frozenset[str] = COMMON_TUNABLE
+    creates: str | None = None
 
-    def variant(self, stage: StageConfig) -> str:
+    def variant(self, stage: StageSettings) -> str:
         return ""
 
     @abc.abstractmethod

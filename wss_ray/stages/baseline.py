@@ -5,13 +5,15 @@ not available to it whatever ``masks`` says."""
 from __future__ import annotations
 
 from wss_ray.losses import classifier_guided_loss, clip_mixture_loss
-from wss_ray.stages.base import Recipe, StepContext, flat_sources, freeze, separate
+from wss_ray.stages.base import COMMON_TUNABLE, Recipe, StepContext, flat_sources, freeze, separate
 
 
 class BaselineRecipe(Recipe):
     name = "baseline"
     parents = ("classifier",)
     trainable = ("separator",)
+    tunable = COMMON_TUNABLE | {"lambda_cls", "lambda_c"}
+    creates = "separator"
     # activity labels and the frozen classifier only: L_cls + L_c-mix, unweighted, so sweeps compare
     val_metric, val_mode = "val_score", "min"
 
@@ -24,7 +26,7 @@ class BaselineRecipe(Recipe):
         _, est = separate(models["separator"], mag)
         terms = {"cls": classifier_guided_loss(models["classifier"](flat_sources(est))["inst"], batch["roll"]),
                  "c_mix": clip_mixture_loss(mag, est, batch["active"])}
-        terms["loss"] = s.lambda_tr * terms["cls"] + s.lambda_c * terms["c_mix"]
+        terms["loss"] = s.lambda_cls * terms["cls"] + s.lambda_c * terms["c_mix"]
         return terms
 
     def validate(self, batch, models, ctx):

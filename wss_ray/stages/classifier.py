@@ -11,6 +11,7 @@ from wss_ray.stages.transcriptor import frame_prf
 class ClassifierRecipe(Recipe):
     name = "classifier"
     trainable = ("classifier",)
+    creates = "classifier"
     val_metric, val_mode = "val_f1", "max"
 
     def build(self, ctx: StepContext):

@@ -7,7 +7,7 @@ import torch
 from wss_ray.losses import (aml_separator_loss, aml_transcriptor_loss, leakage_transcription_loss,
                             recomposition, separation_transcription_loss, transcription_loss)
 from wss_ray.stages.base import Recipe, StepContext, apply_update, flat_sources, freeze, separate
-from wss_ray.stages.separator import ScoreValidated, separator_objective, separator_terms
+from wss_ray.stages.separator import ScoreValidated, SeparatorRecipe, separator_objective, separator_terms
 
 
 def _split(out: dict, sizes: list[int]) -> list[dict]:
@@ -20,6 +20,7 @@ class FinetuneRecipe(ScoreValidated, Recipe):
     name = "finetune"
     parents = ("separator",)
     trainable = ("separator", "transcriptor")
+    tunable = SeparatorRecipe.tunable | {"adversarial", "lambda_t", "lambda_adv", "beta", "margin", "t_lr"}
     critic = "critic"
 
     def variant(self, stage):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -18,9 +17,11 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from wss_ray.atomic import atomic_path
 from wss_ray.checkpoint import CheckpointError, code_revision, load_checkpoint, read_meta, save_checkpoint, unwrap
 from wss_ray.config import Config, config_from_dict
-from wss_ray.data.dataset import load_manifest, supervised_dataset, to_tensors, weak_dataset
+from wss_ray.data.contract import MODEL_SIGNAL_KEYS, SIGNAL_KEYS, to_tensors
+from wss_ray.data.dataset import load_manifest, supervised_dataset, weak_dataset
 from wss_ray.stages import RECIPES
 from wss_ray.stages.base import Recipe, StepContext, critic_mode
 
@@ -288,16 +289,12 @@ def build_trainer(stage: str, cfg: Config, data: str | Path, parent: str | None,
     )
 
 
-# what inference must reproduce exactly: taken from the data manifest into every checkpoint
-SIGNAL_KEYS = ("sample_rate", "n_fft", "hop", "pitch_min", "pitch_max", "chunk_samples", "instruments")
-
-
 def check_signal(cfg: Config, manifest: dict, data: Path) -> None:
     """Training reads its signal settings from the manifest; a config that says otherwise
     (features made with another sample rate, say) is refused rather than half-applied."""
     from wss_ray.config import ConfigError
 
-    for key in ("sample_rate", "n_fft", "hop", "pitch_min", "pitch_max", "instruments"):
+    for key in MODEL_SIGNAL_KEYS:
         want, have = getattr(cfg.data, key), manifest.get(key)
         if (list(want) if key == "instruments" else want) != have:
             raise ConfigError(f"data.{key}: the config says {want!r}, the features in {data} were made with "
@@ -409,13 +406,8 @@ def _driver_preserve_order(on: bool):
 def export_checkpoint(checkpoint, out: Path) -> Path:
     """Copy a Ray Train checkpoint (local or on storage) to ``<out>/checkpoint``, atomically."""
     final = out / CHECKPOINT_DIR
-    tmp = out / f".{CHECKPOINT_DIR}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint.to_directory(str(tmp))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_path(final, directory=True) as tmp:
+        checkpoint.to_directory(str(tmp))
     return final
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from wss_ray.losses import clip_mixture_loss, harmonic_mixture_loss, separation_transcription_loss
-from wss_ray.stages.base import Recipe, StepContext, flat_sources, freeze, separate
+from wss_ray.stages.base import COMMON_TUNABLE, Recipe, StepContext, flat_sources, freeze, separate
 
 
 def separator_terms(batch, mag, est, t_out, ctx: StepContext) -> dict:
@@ -61,6 +61,8 @@ class SeparatorRecipe(ScoreValidated, Recipe):
     name = "separator"
     parents = ("transcriptor",)
     trainable = ("separator",)
+    tunable = COMMON_TUNABLE | {"pos_weight", "masks", "lambda_tr", "lambda_c", "lambda_h"}
+    creates = "separator"
 
     def variant(self, stage):
         return "+".join(stage.masks)

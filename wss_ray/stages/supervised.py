@@ -12,6 +12,7 @@ class SupervisedRecipe(Recipe):
     name = "supervised"
     needs_stems = True
     trainable = ("separator",)
+    creates = "separator"
     val_metric, val_mode = "val_si_sdr", "max"
 
     def build(self, ctx: StepContext):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from wss_ray.losses import transcription_loss
-from wss_ray.stages.base import Recipe, StepContext
+from wss_ray.stages.base import COMMON_TUNABLE, Recipe, StepContext
 
 
 def frame_prf(logits: torch.Tensor, roll: torch.Tensor) -> tuple[float, float, float]:
@@ -20,6 +20,8 @@ def frame_prf(logits: torch.Tensor, roll: torch.Tensor) -> tuple[float, float, f
 class TranscriptorRecipe(Recipe):
     name = "transcriptor"
     trainable = ("transcriptor",)
+    tunable = COMMON_TUNABLE | {"pos_weight"}
+    creates = "transcriptor"
     val_metric, val_mode = "val_f1", "max"
 
     def build(self, ctx: StepContext):

@@ -1,0 +1,75 @@
+"""Atomic writes: a reader (or a crash) never sees a half-written file or folder.
+
+Everything the project writes that someone else reads (checkpoints, features, tracks,
+reports, tables, audio) goes through a sibling temporary path that is renamed into place
+only once complete; on failure the temporary is removed and what was there before stays.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def temp_sibling(path: Path) -> Path:
+    """A hidden name beside ``path`` (same filesystem, so the rename is atomic); the pid keeps
+    concurrent writers (Ray workers, Tune trials) apart. The suffix is kept so that writers
+    that choose a format by extension (soundfile, matplotlib) still see it."""
+    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_path(path: str | Path, *, directory: bool = False, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary path to write ``path``'s content to; rename it into place on success.
+
+    ``directory=True`` creates the temporary as an empty folder. An existing ``path`` is
+    replaced (``replace=False``: kept, and the new content dropped). On an exception the
+    temporary is removed and the exception propagates."""
+    path = Path(path)
+    # never swap a folder for a file or a file for a folder: that would delete what someone put there
+    if path.exists() and path.is_dir() != directory:
+        kind = "a folder" if path.is_dir() else "a file"
+        raise (IsADirectoryError if path.is_dir() else NotADirectoryError)(
+            f"{path}: is {kind}; not replacing it with {'a folder' if directory else 'a file'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    _remove(tmp)
+    if directory:
+        tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists() and not replace:
+            return
+        if path.is_dir() and not path.is_symlink():
+            # os.replace cannot swap onto a non-empty folder: move the old one aside first so
+            # that a failure between the two renames still leaves one complete copy
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            _remove(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)

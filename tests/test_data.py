@@ -279,18 +279,24 @@ def test_schema_and_manifest(features, small_cfg):
     m = load_manifest(features)
     cfg = small_cfg.data
     assert m["schema_version"] == 1 and m["sample_rate"] == cfg.sample_rate
-    assert m["instruments"] == ["piano", "guitar", "bass"] and m["hop"] == 256
-    assert m["chunk_samples"] == cfg.chunk_samples and m["n_frames"] == cfg.n_frames
+    assert m["instruments"] == ["piano", "guitar", "bass"] and m["hop"] == cfg.hop
+    # expected sizes from the config's inputs, not its derived properties: a chunk is chunk_seconds
+    # of audio, and a roll has one column per frame of torch's own centred STFT of such a chunk
+    L = m["chunk_samples"]
+    assert abs(L - cfg.chunk_seconds * cfg.sample_rate) < 1
+    N = torch.stft(torch.zeros(L), cfg.n_fft, cfg.hop, window=torch.hann_window(cfg.n_fft), center=True,
+                   return_complex=True).shape[-1]
+    assert m["n_frames"] == N
     assert len(m["fingerprint"]) == 16
     assert set(m["splits"]) == {"train", "validation", "test"}
     f = pq.read_schema(next((features / "train" / "features").glob("*.parquet")))
     assert f.names == ["track", "chunk", "start", "mix", "roll", "active"]
-    assert f.field("roll").type.list_size == 3 * 88 * cfg.n_frames
+    assert f.field("roll").type.list_size == 3 * 88 * N
     s = pq.read_schema(next((features / "train" / "stems").glob("*.parquet")))
     assert s.names == ["track", "chunk", "stems"]
     for b in iter_local(features, "train", 4, with_stems=True):
-        assert b["mix"].shape == (len(b["mix"]), cfg.chunk_samples)
-        assert b["roll"].shape[1:] == (3, 88, cfg.n_frames)
+        assert b["mix"].shape == (len(b["mix"]), L)
+        assert b["roll"].shape[1:] == (3, 88, N)
         torch.testing.assert_close(b["mix"], b["stems"].sum(1), atol=1e-5, rtol=0)
         # clip activity is "any note in the chunk"
         assert torch.equal(b["active"], (b["roll"].amax(dim=(2, 3)) > 0).float())
@@ -329,8 +335,9 @@ def test_ray_reader_equals_local_reader(features):
 
 
 def test_featurize_refuses_other_settings(features, corpus, small_cfg):
-    cfg = DataConfig(**{**small_cfg.data.__dict__, "hop": 128})
-    with pytest.raises(ValueError, match="hop=256"):
+    made_with = small_cfg.data.hop   # what the features fixture was made with
+    cfg = DataConfig(**{**small_cfg.data.__dict__, "hop": made_with // 2})
+    with pytest.raises(ValueError, match=f"hop={made_with}, the config asks for {made_with // 2}"):
         featurize(corpus, features, cfg)
 
 

@@ -191,5 +191,7 @@ def test_training_refuses_a_config_that_disagrees_with_the_features(features, sm
 
     cfg = copy.deepcopy(small_cfg)
     cfg.data.sample_rate = 22050
-    with pytest.raises(ConfigError, match="data.sample_rate: the config says 22050, the features .* 16000"):
+    made_with = small_cfg.data.sample_rate   # what the features fixture was made with
+    assert made_with != 22050
+    with pytest.raises(ConfigError, match=f"data.sample_rate: the config says 22050, the features .* {made_with}"):
         train_local("transcriptor", cfg, features, tmp_path / "t")

@@ -25,7 +25,7 @@ demo: setup
 	$(BIN)/wss-ray pipeline --config configs/demo.yaml --out $(DEMO_OUT)
 
 test: setup
-	$(BIN)/python -m pytest -x -q -rs tests
+	$(BIN)/python -m pytest -x -q -rs --durations=15 tests
 
 # the inner loop: everything that needs neither Ray nor minutes of rendering or training
 test-fast: setup

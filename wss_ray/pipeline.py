@@ -80,7 +80,6 @@ def run_pipeline(cfg: Config, out: str | Path, data: str | Path | None = None, l
             return final
         if swept:
             return sweep(name, scfg, folder, parent)
-        log(f"[pipeline] {folder.name}: training")
         return train_stage(name, scfg, features, out=folder, parent=str(parent) if parent else None, log=log)
 
     def sweep(name: str, scfg: Config, folder: Path, parent: Path | None) -> Path:
@@ -151,7 +150,8 @@ def run_seeds(cfg: Config, out: str | Path, seeds: int, data: str | Path | None 
     holds in each, in ``<out>/results_seeds.md`` / ``.json``."""
     import json
 
-    from wss_ray.evaluate import _write_atomic, rows_of, seeds_markdown
+    from wss_ray.atomic import write_text
+    from wss_ray.evaluate import rows_of, seeds_markdown
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -173,8 +173,8 @@ def run_seeds(cfg: Config, out: str | Path, seeds: int, data: str | Path | None 
     if per_seed_scores:
         more, result["scores"] = seeds_markdown(per_seed_scores, insts, "SI-SDR (dB) on real compositions")
         text += "\n" + more
-    _write_atomic(out / "results_seeds.md", text)
-    _write_atomic(out / "results_seeds.json", json.dumps(result, indent=2))
+    write_text(out / "results_seeds.md", text)
+    write_text(out / "results_seeds.json", json.dumps(result, indent=2))
     log(text)
     log(f"[pipeline] {seeds} seeds: {out / 'results_seeds.md'}")
     return result

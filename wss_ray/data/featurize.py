@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -26,7 +28,7 @@ from wss_ray.data.score import notes_to_roll
 from wss_ray.data.slakh import list_tracks, load_track, read_sources
 
 
-def _write_atomic(table: pa.Table, path: Path) -> None:
+def _write_parquet(table: pa.Table, path: Path) -> None:
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
 
@@ -85,8 +87,8 @@ def featurize_track(split: str, track_dir: str, out: str, cfg_dict: dict) -> dic
             [names, chunks, fixed_list(np.stack([r[3] for r in rows]), k * l, pa.float32())], schema=stems_schema(cfg))
         fpath, spath = shard_paths(Path(out), split, track.name)
         # stems first: the features shard is the "track finished" marker
-        _write_atomic(stem_tab, spath)
-        _write_atomic(feats, fpath)
+        _write_parquet(stem_tab, spath)
+        _write_parquet(feats, fpath)
         return {"split": split, "track": track.name, "chunks": n, "error": "", "mapping": mapping,
                 "audio_s": len(mix) / cfg.sample_rate, "seconds": time.time() - t0}
     except Exception as e:  # reported by name in the log and the report file, never dropped
@@ -104,6 +106,21 @@ def describe_mapping(mapping: dict, instruments: list[str]) -> str:
         parts.append(f"{len(ignored)} stem(s) ignored")
     parts += mapping.get("notes", [])
     return "; ".join(parts)
+
+
+def summarize_mappings(mappings: dict[str, dict], instruments: list[str]) -> list[str]:
+    """A few lines for the console: how many tracks feed each target set, stems ignored. The
+    per-track mapping stays in the report (``wss-ray data stats`` prints it)."""
+    if not mappings:
+        return []
+    kinds = Counter(tuple(i for i in instruments if m.get("mapped", {}).get(i)) for m in mappings.values())
+    ignored = sum(len(m.get("ignored", {})) for m in mappings.values())
+    summed = sum(any(len(v) > 1 for v in m.get("mapped", {}).values()) for m in mappings.values())
+    parts = [f"{n} with {' + '.join(k) if k else 'no target'}" for k, n in kinds.most_common()]
+    line = f"targets per track: {'; '.join(parts)}"
+    extra = ([f"{summed} track(s) sum several stems into one target"] if summed else []) \
+        + ([f"{ignored} stem(s) ignored"] if ignored else [])
+    return [line, "; ".join(extra + [f"per-track mapping: {REPORT} or `wss-ray data stats`"])]
 
 
 def _file_sha(path: Path) -> str:
@@ -182,18 +199,25 @@ def featurize(slakh: str | Path, out: str | Path, cfg: DataConfig, ray_cfg: RayC
                     if shard_paths(out, *k.split("/", 1))[0].is_file()}
     t0 = time.time()
     audio_s = 0.0
+    done_now: dict[str, dict] = {}
     if todo:
         rows = _map_ray(todo, out, cfg, ray_cfg) if engine == "ray" else _map_local(todo, out, cfg)
+        # about ten progress lines whatever the corpus size; every failure gets its own line
+        every = max(1, math.ceil(len(todo) / 10))
         for i, row in enumerate(rows, 1):
             if row["error"]:
                 errors.append({"split": row["split"], "track": row["track"], "error": row["error"]})
                 log(f"[featurize] {i}/{len(todo)} FAILED {row['error']}")
             else:
                 audio_s += row["audio_s"]
-                mapping = json.loads(row["mapping"])
-                mappings[f"{row['split']}/{row['track']}"] = mapping
-                log(f"[featurize] {i}/{len(todo)} {row['split']}/{row['track']}: {row['chunks']} chunks "
-                    f"({row['seconds']:.1f} s); {describe_mapping(mapping, cfg.instruments)}")
+                done_now[f"{row['split']}/{row['track']}"] = json.loads(row["mapping"])
+            if i % every == 0 or i == len(todo):
+                elapsed = time.time() - t0
+                log(f"[featurize] {i}/{len(todo)} tracks, {elapsed:.0f} s"
+                    + (f", ~{elapsed / i * (len(todo) - i):.0f} s left" if i < len(todo) else ""))
+        for line in summarize_mappings(done_now, cfg.instruments):
+            log(f"[featurize] {line}")
+        mappings.update(done_now)
     wall = time.time() - t0
     write_text(report_path, json.dumps({"bad_tracks": errors, "tracks": dict(sorted(mappings.items()))}, indent=2))
     manifest = write_manifest(out, cfg, source=str(slakh))

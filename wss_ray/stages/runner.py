@@ -148,7 +148,9 @@ def _worker(config: dict) -> None:
     # one intra-op thread per reserved CPU: more threads than cores across workers thrash
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     if rank == 0:
-        say(f"[{stage}] worker threads: {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})")
+        # a diagnostic for Ray's log files (and the console with --verbose), not for every run's console
+        print(f"[{stage}] worker threads: {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})",
+              flush=True)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     parent = load_checkpoint(config["parent"])[0] if config["parent"] else None
     ctx = StepContext(cfg, cfg.stages[stage], manifest, device, parent)
@@ -257,7 +259,9 @@ def build_trainer(stage: str, cfg: Config, data: str | Path, parent: str | None,
     repeat = math.ceil(scfg.steps * scfg.batch_size * cfg.ray.workers / rows) + 1
     val_split = validation_split(data)
     meta = stage_meta(stage, cfg, data, manifest, parent_path, meta_extra)
-    log(f"[{stage}] {cfg.ray.workers} worker(s){' on GPU' if cfg.ray.use_gpu else ''}, {scfg.steps} steps, "
+    variant = RECIPES[stage].variant(scfg)
+    log(f"[{stage}{f'[{variant}]' if variant else ''}] training: {cfg.ray.workers} worker(s)"
+        f"{' on GPU' if cfg.ray.use_gpu else ''}, {scfg.steps} steps, "
         f"data {data.name} ({manifest['fingerprint']}), parent {parent_path or '-'}")
     resources = {"CPU": cfg.ray.cpus_per_worker}
     dataset_config = None

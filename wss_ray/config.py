@@ -246,11 +246,6 @@ class SupervisedSettings(StageSettings):
     pass
 
 
-STAGE_SETTINGS: dict[str, type[StageSettings]] = {
-    "transcriptor": TranscriptorSettings, "separator": SeparatorSettings, "finetune": FinetuneSettings,
-    "classifier": ClassifierSettings, "baseline": BaselineSettings, "supervised": SupervisedSettings,
-}
-STAGE_NAMES = tuple(STAGE_SETTINGS)
 # settings renamed or moved, so an old preset gets a pointer instead of only "unknown"
 _RENAMED = {("baseline", "lambda_tr"): "lambda_cls"}
 
@@ -270,6 +265,11 @@ class StagesConfig(Section):
 
     def __contains__(self, stage: object) -> bool:
         return stage in STAGE_SETTINGS
+
+
+# stage name -> its settings class, in dependency order (the pipeline's default order)
+STAGE_SETTINGS: dict[str, type[StageSettings]] = {name: f.annotation for name, f in StagesConfig.model_fields.items()}
+STAGE_NAMES = tuple(STAGE_SETTINGS)
 
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")

@@ -375,7 +375,7 @@ def test_separate_refuses_bad_audio_clearly(tmp_path, pipeline_out):
     with pytest.raises(ValueError, match="empty.wav: the file holds no audio"):
         separate_files([str(tmp_path / "empty.wav")], ck, str(tmp_path / "out"))
     sf.write(tmp_path / "ok.wav", np.zeros(1600, dtype=np.float32), 16000)
-    with pytest.raises(ValueError, match="chunk_seconds must be positive"):
+    with pytest.raises(ValueError, match="chunk_seconds: need a number of seconds between 0.1 and 3600"):
         separate_files([str(tmp_path / "ok.wav")], ck, str(tmp_path / "out"), chunk_seconds=0)
     assert main(["separate", str(tmp_path / "corrupt.wav"), "--checkpoint", ck, "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o" / "corrupt").exists() or not list((tmp_path / "o" / "corrupt").iterdir())

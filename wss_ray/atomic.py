@@ -63,6 +63,24 @@ def atomic_path(path: str | Path, *, directory: bool = False, replace: bool = Tr
         _remove(tmp)
 
 
+def check_out_folder(path: str | Path, option: str = "--out") -> Path:
+    """An output folder that can be created: refused before anything is written (so no half-made
+    parents are left) when it is a file or a name is longer than the filesystem allows."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path}: exists and is not a folder")
+    anchor = next((p for p in path.absolute().parents if p.is_dir()), Path("/"))
+    try:
+        name_max = os.pathconf(anchor, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max = 255
+    long = next((part for part in path.parts if len(os.fsencode(part)) > name_max), None)
+    if long is not None:
+        raise ValueError(f"{option} {str(path)[:80]}...: the name {long[:40]}... is longer than this filesystem "
+                         f"allows ({name_max} bytes)")
+    return path
+
+
 def write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -7,16 +7,32 @@ not installed, so a format libsndfile cannot open is refused with its error, nam
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
+
+
+# rates a recording can have; outside them a caller mixed up arguments (sr=1 would upsample
+# 16000-fold and run for hours)
+MIN_RATE, MAX_RATE = 1000, 768000
+
+
+def check_sample_rate(sample_rate, name: str = "sample_rate") -> int:
+    ok = isinstance(sample_rate, (int, float, np.integer, np.floating)) and not isinstance(sample_rate, bool)
+    if not ok or not math.isfinite(sample_rate) or sample_rate != int(sample_rate) \
+            or not MIN_RATE <= sample_rate <= MAX_RATE:
+        raise ValueError(f"{name}: need a whole number of samples per second between {MIN_RATE} and {MAX_RATE}, "
+                         f"got {sample_rate!r}")
+    return int(sample_rate)
 
 
 class ArrayReader:
     """A mono waveform held in memory, read like a file."""
 
     def __init__(self, wave: np.ndarray, sample_rate: int, name: str = "waveform"):
-        self.wave, self.sample_rate, self.frames, self.name = wave, int(sample_rate), len(wave), name
+        self.wave, self.frames, self.name = wave, len(wave), name
+        self.sample_rate = check_sample_rate(sample_rate)
 
     def read(self, start: int, length: int) -> np.ndarray:
         seg = self.wave[start:start + length]

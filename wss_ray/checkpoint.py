@@ -87,8 +87,8 @@ def load_checkpoint(path: str | Path, stages: Iterable[str] | None = None,
     except FileNotFoundError:
         raise CheckpointError(f"{model_file}: missing") from None
     except Exception as e:  # truncated or foreign files raise pickle, zip and torch errors alike
-        raise CheckpointError(f"{model_file}: not a readable wss-ray model file "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else "empty or cut short"
+        raise CheckpointError(f"{model_file}: not a readable wss-ray model file ({type(e).__name__}: {detail})") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("models"), dict):
         raise CheckpointError(f"{model_file}: not a wss-ray model file (no 'models')")
     return payload, meta

@@ -130,13 +130,9 @@ def _cmd_export(a) -> int:
 
 
 def _cmd_separate(a) -> int:
-    import math
+    from wss_ray.separate import check_chunk_seconds, separate_files
 
-    from wss_ray.separate import separate_files
-
-    # checked before the checkpoint loads: a chunk is held in memory, an hour is plenty
-    if not (math.isfinite(a.chunk_seconds) and 0.1 <= a.chunk_seconds <= 3600):
-        raise ValueError(f"--chunk-seconds: need a number of seconds between 0.1 and 3600, got {a.chunk_seconds}")
+    check_chunk_seconds(a.chunk_seconds, "--chunk-seconds")  # before the checkpoint loads
 
     separate_files(a.audio, a.checkpoint, a.out, midi=a.midi, device=a.device, chunk_seconds=a.chunk_seconds)
     return 0

@@ -436,6 +436,8 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
         if "=" not in pair:
             raise ConfigError(f"--set {pair!r}: expected key=value")
         key, raw = pair.split("=", 1)
+        if not key.strip() or any(not k for k in key.strip().split(".")):
+            raise ConfigError(f"--set {pair!r}: expected key=value with a dotted setting name, e.g. stages.separator.lr=3e-4")
         try:
             value = yaml_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
@@ -454,12 +456,19 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
     """A YAML file whose top level is a mapping; errors name the file."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what} {p}: is a folder, not a YAML file")
     if not p.is_file():
         raise ConfigError(f"{what} not found: {p}")
     try:
         loaded = yaml_load(p.read_text()) or {}
+    except yaml.MarkedYAMLError as e:
+        # PyYAML's message spans several lines (context, problem, a caret drawing): one is enough
+        mark = e.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p}: not valid YAML{where}: {e.problem or e.context}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"{p}: top level must be a mapping")
     return loaded

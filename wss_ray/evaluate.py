@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wss_ray.atomic import atomic_path, write_text
+from wss_ray.atomic import atomic_path, check_out_folder, write_text
 from wss_ray.config import Config
 from wss_ray.data.contract import MODEL_SIGNAL_KEYS
 from wss_ray.data.dataset import iter_local, load_manifest
@@ -69,6 +69,10 @@ def expand_checkpoints(paths: list[str]) -> list[str]:
             if not isinstance(rec, dict) or not isinstance(rec.get("trials"), list):
                 raise ValueError(f"{record}: not a Tune handoff record (no 'trials' list); pass a checkpoint "
                                  "folder, a Tune experiment folder or its best.json")
+            if not all(isinstance(t, dict) and isinstance(t.get("checkpoint", ""), (str, type(None)))
+                       for t in rec["trials"]):
+                raise ValueError(f"{record}: not a Tune handoff record (each trial must be an object whose "
+                                 "'checkpoint' is a path)")
             ok = [t["checkpoint"] for t in rec["trials"] if t.get("status") == "ok" and t.get("checkpoint")]
             if not ok:
                 raise ValueError(f"{record}: no trial finished with a checkpoint")
@@ -115,9 +119,7 @@ def evaluate(checkpoints: list[str], data: str | Path, out: str | Path, split: s
     """Score every checkpoint on ``split``; writes results.{md,csv,json,png} and the per-chunk
     distribution plot; returns the multi-source table's rows. On failure nothing this call
     created is left behind (folders, example WAVs)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a folder")
+    out = check_out_folder(out)
     made = [d for d in (out / "examples", out, *out.parents) if not d.exists()]   # innermost first
     try:
         return _evaluate(checkpoints, data, out, split, examples, batch_size, log, device)

@@ -9,6 +9,7 @@ whatever the file's length.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wss_ray.atomic import atomic_path
+from wss_ray.atomic import atomic_path, check_out_folder
 from wss_ray.audio_io import ArrayReader, mono_waveform, open_audio, read_finite, wav_writer
 from wss_ray.checkpoint import CheckpointError, build_model, load_checkpoint
 from wss_ray.dsp import STFT, resample
@@ -26,6 +27,14 @@ from wss_ray.midi_out import RollCollector, roll_to_midi
 from wss_ray.streaming import ProgressBar, fit_length, overlap_add_stream
 
 SEPARATOR_STAGES = ("separator", "finetune", "baseline", "supervised")
+
+
+def check_chunk_seconds(chunk_seconds: float, name: str = "chunk_seconds") -> float:
+    # a chunk is held in memory at once: an hour is plenty, a tenth of a second is the least useful
+    ok = isinstance(chunk_seconds, (int, float)) and not isinstance(chunk_seconds, bool)
+    if not (ok and math.isfinite(chunk_seconds) and 0.1 <= chunk_seconds <= 3600):
+        raise ValueError(f"{name}: need a number of seconds between 0.1 and 3600, got {chunk_seconds!r}")
+    return float(chunk_seconds)
 
 
 class Separator:
@@ -101,8 +110,7 @@ class Separator:
         if roll is not None:
             self._need_transcriptor()
         sr, n = reader.sample_rate, reader.frames
-        if chunk_seconds <= 0:
-            raise ValueError(f"chunk_seconds must be positive, got {chunk_seconds}")
+        check_chunk_seconds(chunk_seconds)
         chunk = max(int(chunk_seconds * sr), 2 * self.hop)
         # a clip shorter than a chunk is processed at its own length, not padded to a chunk
         chunk = min(chunk, max(n + n % 2, 2 * self.hop))
@@ -113,9 +121,14 @@ class Separator:
         def fn(x_in: np.ndarray, start: int) -> torch.Tensor:
             x = resample(torch.as_tensor(np.ascontiguousarray(x_in, dtype=np.float32))[None], sr,
                           self.sample_rate)
-            est = self.separate_batch(x)[0].float().cpu()
+            # a clip shorter than one STFT window (tens of ms) is zero-padded to one window, then
+            # cut back: the centred STFT cannot reflect-pad a shorter signal
+            length = x.shape[-1]
+            x = torch.nn.functional.pad(x, (0, max(0, self.n_fft - length)))
+            est = self.separate_batch(x)[0].float().cpu()[..., :length]
             if roll is not None:
-                roll.place(self.transcribe_batch(x)[0].cpu().numpy(), start, chunk, n, sr, fps)
+                probs = self.transcribe_batch(x)[0].cpu().numpy()[..., :length // self.hop + 1]
+                roll.place(probs, start, chunk, n, sr, fps)
             return fit_length(resample(est, self.sample_rate, sr), len(x_in))
 
         for start, est in overlap_add_stream(fn, read, n, chunk, progress):
@@ -162,8 +175,7 @@ def separate_files(paths: list[str], checkpoint: str | None, out: str, midi: boo
             raise ValueError(f"{p}: would write to the same output folder as {seen[stem]} "
                              f"({Path(out) / stem}); separate them in two runs or rename one")
         seen[stem] = p
-    if Path(out).exists() and not Path(out).is_dir():
-        raise ValueError(f"--out {out}: exists and is not a folder")
+    check_out_folder(out)
     if checkpoint is None:
         from wss_ray.checkpoint import default_checkpoint
 

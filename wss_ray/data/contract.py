@@ -21,6 +21,7 @@ fixed-size list so that a column is one contiguous buffer.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,6 +45,20 @@ MANIFEST_KEYS = ("sample_rate", "chunk_samples", "n_fft", "hop", "instruments", 
 SIGNAL_KEYS = ("sample_rate", "n_fft", "hop", "pitch_min", "pitch_max", "chunk_samples", "instruments")
 # the ones a model's weights depend on (chunk length only sets the training windows)
 MODEL_SIGNAL_KEYS = ("sample_rate", "n_fft", "hop", "pitch_min", "pitch_max", "instruments")
+
+def read_json_mapping(path: str | Path) -> dict:
+    """A JSON file this project wrote (manifest, featurize report); a damaged one is named in a
+    one-line error instead of a bare JSON message or a traceback further on."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                         "featurize again into a fresh folder") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}; featurize again into a fresh folder")
+    return value
+
 
 FEATURES = "features"
 STEMS = "stems"

@@ -9,7 +9,6 @@ schema and manifest they read are defined in :mod:`wss_ray.data.contract`.
 """
 from __future__ import annotations
 
-import json
 import math
 import zlib
 from pathlib import Path
@@ -22,7 +21,7 @@ import pyarrow.parquet as pq
 import torch
 
 from wss_ray.data.contract import (FEATURES, MANIFEST, SCHEMA_VERSION, STEM_COLUMNS, STEMS, fixed_list, fixed_to_numpy,
-                                   manifest_dims, shard_files, to_tensors)
+                                   manifest_dims, read_json_mapping, shard_files, to_tensors)
 
 
 class DataError(ValueError):
@@ -33,7 +32,10 @@ def load_manifest(data_dir: str | Path) -> dict:
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
         raise DataError(f"{path}: no manifest; run `wss-ray data featurize --slakh ... --out {data_dir}` first")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = read_json_mapping(path)
+    except ValueError as e:
+        raise DataError(str(e)) from None
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise DataError(f"{path}: schema version {manifest.get('schema_version')} is not the supported "
                         f"{SCHEMA_VERSION}; re-run featurization")

@@ -20,10 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from wss_ray.atomic import atomic_path, write_text
+from wss_ray.atomic import atomic_path, check_out_folder, write_text
 from wss_ray.config import DataConfig, RayConfig
 from wss_ray.data.contract import (FEATURES, MANIFEST, MANIFEST_KEYS, REPORT, SCHEMA_VERSION, features_schema,
-                                   fixed_list, shard_files, shard_paths, stems_schema)
+                                   fixed_list, read_json_mapping, shard_files, shard_paths, stems_schema)
 from wss_ray.data.score import notes_to_roll
 from wss_ray.data.slakh import list_tracks, load_track, read_sources
 
@@ -144,7 +144,7 @@ def _check_existing(out: Path, cfg: DataConfig) -> None:
     path = out / MANIFEST
     if not path.is_file():
         return
-    old = json.loads(path.read_text())
+    old = read_json_mapping(path)
     for key in MANIFEST_KEYS:
         new = getattr(cfg, key) if key != "chunk_samples" else cfg.chunk_samples
         if old.get(key) != new:
@@ -177,8 +177,7 @@ def featurize(slakh: str | Path, out: str | Path, cfg: DataConfig, ray_cfg: RayC
     ``engine``: "ray" (Ray Data tasks, local instance or cluster) or "local" (a process pool
     of ``cfg.workers``, for machines without Ray); both write the same shards."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a folder")
+    check_out_folder(out)
     tracks = list_tracks(slakh)
     out.mkdir(parents=True, exist_ok=True)
     _check_existing(out, cfg)
@@ -191,7 +190,7 @@ def featurize(slakh: str | Path, out: str | Path, cfg: DataConfig, ray_cfg: RayC
     mappings: dict[str, dict] = {}
     report_path = out / REPORT
     if report_path.is_file():  # keep earlier failures that are still unresolved
-        old = json.loads(report_path.read_text())
+        old = read_json_mapping(report_path)
         errors = [e for e in old.get("bad_tracks", [])
                   if not shard_paths(out, e["split"], e["track"])[0].is_file()
                   and (e["split"], e["track"]) not in {(s, t.name) for s, t in todo}]

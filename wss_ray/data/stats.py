@@ -8,7 +8,6 @@ threshold) and with 0..K instruments in the score.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -16,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from wss_ray.config import DataConfig
-from wss_ray.data.contract import FEATURES, MANIFEST, REPORT, STEMS, shard_files
+from wss_ray.data.contract import FEATURES, MANIFEST, REPORT, STEMS, read_json_mapping, shard_files
 from wss_ray.data.featurize import describe_mapping
 from wss_ray.data.slakh import SlakhError, list_tracks, read_sources
 
@@ -54,7 +53,7 @@ def corpus_stats(root: str | Path, cfg: DataConfig, log: Callable[[str], None] =
 def feature_stats(data: str | Path, log: Callable[[str], None] = print) -> dict:
     """Chunk density per split: how many chunks have n audible targets (and n scored ones)."""
     data = Path(data)
-    manifest = json.loads((data / MANIFEST).read_text())
+    manifest = read_json_mapping(data / MANIFEST)
     k = len(manifest["instruments"])
     result = {}
     for split in sorted(manifest["splits"]):
@@ -76,7 +75,7 @@ def feature_stats(data: str | Path, log: Callable[[str], None] = print) -> dict:
             f"instruments in the score {share(scored)}")
     report = data / REPORT
     if report.is_file():
-        tracks = json.loads(report.read_text()).get("tracks", {})
+        tracks = read_json_mapping(report).get("tracks", {})
         for key, m in tracks.items():
             log(f"{key}: {describe_mapping(m, manifest['instruments'])}")
     return result

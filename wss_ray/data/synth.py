@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import yaml
 
-from wss_ray.atomic import atomic_path
+from wss_ray.atomic import atomic_path, check_out_folder
 from wss_ray.config import INSTRUMENT_CLASSES
 
 SOUNDFONT_CANDIDATES = (
@@ -384,7 +384,7 @@ def synthesize_corpus(out: str | Path, tracks: int, seconds: float, seed: int,
         raise ValueError(f"--tracks and --seconds must be > 0 (got {tracks}, {seconds})")
     _import_fluidsynth()
     sf2 = find_soundfont(soundfont)
-    out = Path(out)
+    out = check_out_folder(out)
     plan = split_plan(tracks, splits or [0.7, 0.15, 0.15])
     for split in set(plan):
         (out / split).mkdir(parents=True, exist_ok=True)

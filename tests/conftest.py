@@ -56,7 +56,7 @@ def features(tmp_path_factory, corpus, ray_local, small_cfg) -> Path:
 @pytest.fixture(scope="session")
 def pipeline_out(tmp_path_factory, features, small_cfg) -> Path:
     """The smoke pipeline trained once (every stage, through Ray Train) and evaluated; tests
-    read its checkpoints and results and never write into it."""
+    read its checkpoints and results (one re-runs it, which must change no checkpoint)."""
     from wss_ray.pipeline import run_pipeline
 
     out = tmp_path_factory.mktemp("pipeline")

@@ -55,7 +55,11 @@ def atomic_path(path: str | Path, *, directory: bool = False, replace: bool = Tr
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             _remove(old)
             os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)  # put the old copy back under its name
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from wss_ray.config import STAGE_NAMES, ConfigError, load_config
+from wss_ray.config import STAGE_NAMES, ConfigError, load_config, revalidated
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -65,6 +65,7 @@ def _cmd_train(a) -> int:
         cfg.ray.use_gpu = True
     if a.storage:
         cfg.ray.storage = a.storage
+    cfg.ray = revalidated(cfg.ray)  # the options may have made it inconsistent (a shared GPU, say)
     path = train_stage(a.stage, cfg, a.data, out=a.out, parent=a.parent)
     print(f"[train] {a.stage} checkpoint: {path}")
     return 0
@@ -76,6 +77,7 @@ def _cmd_tune(a) -> int:
     cfg = load_config(a.config, a.overrides)
     if a.workers:
         cfg.ray.workers = a.workers
+        cfg.ray = revalidated(cfg.ray)
     space = load_space(a.space, a.stage, cfg)
     run_sweep(a.stage, cfg, space, a.data, parent=a.parent, storage=a.storage, name=a.name, samples=a.samples,
               gpus_per_trial=a.gpus_per_trial, concurrent=a.concurrent)

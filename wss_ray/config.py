@@ -266,6 +266,13 @@ class StagesConfig(Section):
     def __contains__(self, stage: object) -> bool:
         return stage in STAGE_SETTINGS
 
+    # the mapping view callers had when stages were a dict (pydantic's own __iter__ is left alone)
+    def items(self) -> list[tuple[str, StageSettings]]:
+        return [(name, getattr(self, name)) for name in STAGE_SETTINGS]
+
+    def values(self) -> list[StageSettings]:
+        return [getattr(self, name) for name in STAGE_SETTINGS]
+
 
 # stage name -> its settings class, in dependency order (the pipeline's default order)
 STAGE_SETTINGS: dict[str, type[StageSettings]] = {name: f.annotation for name, f in StagesConfig.model_fields.items()}

@@ -184,15 +184,15 @@ def _evaluate(checkpoints, data, out: Path, split, examples, batch_size, log, de
             for k in range(len(insts)):
                 scores[sysname][k] += sdr[:, k][audible[:, k]].tolist()
         for i in range(min(ex_left, len(mix))):
-            folder = out / "examples" / f"example{examples - ex_left + 1:02d}"
-            folder.mkdir(parents=True, exist_ok=True)
             sr = manifest["sample_rate"]
-            sf.write(folder / "mixture.wav", mix[i].numpy(), sr)
-            for k, inst in enumerate(insts):
-                sf.write(folder / f"reference_{inst}.wav", refs[i, k].numpy(), sr)
-                for n in names:
-                    sf.write(folder / f"{n.replace('[', '_').replace(']', '').replace('+', '-')}_{inst}.wav",
-                             ests[n][i, k].numpy(), sr)
+            # each example folder replaced whole: a re-evaluation never mixes old and new WAVs
+            with atomic_path(out / "examples" / f"example{examples - ex_left + 1:02d}", directory=True) as folder:
+                sf.write(folder / "mixture.wav", mix[i].numpy(), sr)
+                for k, inst in enumerate(insts):
+                    sf.write(folder / f"reference_{inst}.wav", refs[i, k].numpy(), sr)
+                    for n in names:
+                        sf.write(folder / f"{n.replace('[', '_').replace(']', '').replace('+', '-')}_{inst}.wav",
+                                 ests[n][i, k].numpy(), sr)
             ex_left -= 1
         n_chunks += len(mix)
     if n_chunks == 0:

@@ -60,7 +60,6 @@ def _start_local(cfg: RayConfig, attempts: int = 3) -> None:
                      runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}})
             _LOCAL["started"] = True
             if not verbose():
-                _quiet_raylet_notices()
                 # Ray's start-up warning, said once in the project's words: the local instance
                 # only listens on this machine and asks for a token (Ray's default since 2.5x)
                 print(f"[ray] local instance with {cfg.local_cpus()} logical CPUs, listening on this machine "
@@ -76,6 +75,8 @@ def _start_local(cfg: RayConfig, attempts: int = 3) -> None:
                 os.environ.pop("RAY_GCS_SERVER_PORT", None)
             else:
                 os.environ["RAY_GCS_SERVER_PORT"] = saved
+    if not verbose():
+        _quiet_raylet_notices()
 
 
 def ensure_ray(cfg: RayConfig | None = None) -> None:
@@ -90,7 +91,7 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
         # "execution finished") are not the user's business on the console; Ray Data configures
         # its loggers itself and reads its level from this variable
         logging.getLogger("ray").setLevel(logging.ERROR)
-        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
+        _quiet_ray_data_console()
     address = cfg.address or os.environ.get("RAY_ADDRESS", "")
     if address:
         ray.init(address=address, log_to_driver=True)
@@ -106,6 +107,32 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray(\.|$)")
 
 
+def _quiet_ray_data_console() -> None:
+    """Ray Data's notices ("Progress bars disabled", each dataset's "execution finished") off the
+    console but still in its log file (ray-data.log): Ray Data re-reads its logging config for
+    every dataset, from the file named by RAY_DATA_LOGGING_CONFIG (its documented hook), so a
+    copy of its default config with the console handler at ERROR is written and named there."""
+    if "RAY_DATA_LOGGING_CONFIG" in os.environ:
+        return  # the user's own choice
+    try:
+        import copy
+        import tempfile
+
+        import yaml
+        from ray.data._internal.logging import DEFAULT_CONFIG
+    except ImportError:
+        return
+    config = copy.deepcopy(DEFAULT_CONFIG)
+    console = config.get("handlers", {}).get("console")
+    if console is None:
+        return
+    console["level"] = "ERROR"
+    fd, path = tempfile.mkstemp(prefix="wss-ray-data-logging-", suffix=".yaml")
+    with os.fdopen(fd, "w") as fh:
+        yaml.safe_dump(config, fh)
+    os.environ["RAY_DATA_LOGGING_CONFIG"] = path
+
+
 def _quiet_raylet_notices() -> None:
     """The raylet's notice "N PYTHON worker processes have been started ..." (Ray Data's read
     tasks on a small machine) reaches the driver's console whatever ``log_to_driver`` says; it is
@@ -114,8 +141,8 @@ def _quiet_raylet_notices() -> None:
         import ray._private.worker as w
     except ImportError:
         return
-    original = w.print_to_stdstream
-    if getattr(original, "_wss_quiet", False):
+    original = getattr(w, "print_to_stdstream", None)
+    if original is None or getattr(original, "_wss_quiet", False):
         return
 
     def printer(data, *args, **kwargs):

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from wss_ray.data.contract import (FEATURES, MANIFEST, SCHEMA_VERSION, STEM_COLUMNS, STEMS, fixed_list, fixed_to_numpy,
+from wss_ray.data.contract import (FEATURES, MANIFEST, MANIFEST_KEYS, SCHEMA_VERSION, STEM_COLUMNS, STEMS, fixed_list, fixed_to_numpy,
                                    manifest_dims, read_json_mapping, shard_files, to_tensors)
 
 
@@ -39,6 +39,9 @@ def load_manifest(data_dir: str | Path) -> dict:
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise DataError(f"{path}: schema version {manifest.get('schema_version')} is not the supported "
                         f"{SCHEMA_VERSION}; re-run featurization")
+    missing = [k for k in (*MANIFEST_KEYS, "splits", "fingerprint") if k not in manifest]
+    if missing:
+        raise DataError(f"{path}: lacks {missing}; featurize again into a fresh folder")
     return manifest
 
 

@@ -15,7 +15,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from wss_ray.config import DataConfig
-from wss_ray.data.contract import FEATURES, MANIFEST, REPORT, STEMS, read_json_mapping, shard_files
+from wss_ray.data.contract import FEATURES, REPORT, STEMS, read_json_mapping, shard_files
+from wss_ray.data.dataset import load_manifest
 from wss_ray.data.featurize import describe_mapping
 from wss_ray.data.slakh import SlakhError, list_tracks, read_sources
 
@@ -53,7 +54,7 @@ def corpus_stats(root: str | Path, cfg: DataConfig, log: Callable[[str], None] =
 def feature_stats(data: str | Path, log: Callable[[str], None] = print) -> dict:
     """Chunk density per split: how many chunks have n audible targets (and n scored ones)."""
     data = Path(data)
-    manifest = read_json_mapping(data / MANIFEST)
+    manifest = load_manifest(data)
     k = len(manifest["instruments"])
     result = {}
     for split in sorted(manifest["splits"]):

@@ -92,7 +92,7 @@ def excerpts(pieces: tuple[str, ...], n: int, seconds: float, per_piece: int = 2
     """Up to ``n`` excerpts, at most ``per_piece`` from each piece in order (so only the pieces
     needed are parsed), each a window of ``seconds`` where at least two targets have notes,
     windows spread over the piece."""
-    chosen = []
+    chosen, used = [], []
     for path in pieces:
         if len(chosen) >= n:
             break
@@ -113,7 +113,10 @@ def excerpts(pieces: tuple[str, ...], n: int, seconds: float, per_piece: int = 2
                 taken += 1
             if taken >= per_piece or len(chosen) >= n:
                 break
-        log(f"[scores] {path}: {len(parts)} parts, {end:.0f} s, {taken} excerpt(s)")
+        used.append(f"{path.removesuffix('.mxl')} ({taken})")
+    # one line for all pieces (each track's metadata names its piece and offset too)
+    if used:
+        log(f"[scores] excerpts taken from: {', '.join(used)}")
     return chosen
 
 

@@ -113,6 +113,7 @@ def _wait(job: str, address: str, timeout: float, until=None) -> str:
     raise AssertionError(f"job {job} still running after {timeout} s:\n{_job_logs(job, address)[-3000:]}")
 
 
+@pytest.mark.slow  # a second Ray cluster of two nodes, a worker node killed mid-run
 def test_stage_job_recovers_from_losing_its_worker_node(cluster, features, tmp_path):
     """Two DDP workers cannot fit the 1-CPU head, so they run on the worker node. Its raylet is
     SIGKILLed after the first checkpoint; a replacement node joins (what the autoscaler does);

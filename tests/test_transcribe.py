@@ -83,6 +83,7 @@ def note_f1(ref_notes, est_notes) -> tuple[float, float, float]:
     return p, r, f
 
 
+@pytest.mark.slow  # trains a demo-size transcriptor (about 3 minutes)
 def test_midi_of_clean_single_instrument_files_recovers_their_notes(trained, soundfont, tmp_path):
     import pretty_midi
     import soundfile as sf

@@ -75,8 +75,6 @@ def _start_local(cfg: RayConfig, attempts: int = 3) -> None:
                 os.environ.pop("RAY_GCS_SERVER_PORT", None)
             else:
                 os.environ["RAY_GCS_SERVER_PORT"] = saved
-    if not verbose():
-        _quiet_raylet_notices()
 
 
 def ensure_ray(cfg: RayConfig | None = None) -> None:
@@ -97,6 +95,8 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         _start_local(cfg)
+        if not verbose():
+            _quiet_raylet_notices()
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
@@ -131,6 +131,14 @@ def _quiet_ray_data_console() -> None:
     with os.fdopen(fd, "w") as fh:
         yaml.safe_dump(config, fh)
     os.environ["RAY_DATA_LOGGING_CONFIG"] = path
+    # this process configured Ray Data's loggers when it imported ray.data; do it again now
+    # (worker processes inherit the variable and read it when they start)
+    try:
+        from ray.data._internal.logging import configure_logging
+
+        configure_logging()
+    except Exception:  # a private function: if Ray moves it, its notices just show
+        pass
 
 
 def _quiet_raylet_notices() -> None:

@@ -31,13 +31,20 @@ def _cmd_scores(a) -> int:
     return 0
 
 
+def _cmd_warp(a) -> int:
+    from wss_ray.data.warp import warp_corpus
+
+    warp_corpus(a.src, a.out, a.seed, max_offset=a.max_offset, max_tempo=a.max_tempo, drift=a.drift)
+    return 0
+
+
 def _cmd_featurize(a) -> int:
     from wss_ray.data.featurize import featurize
 
     cfg = load_config(a.config, a.overrides)
     if a.workers:
         cfg.data.workers = a.workers
-    manifest = featurize(a.slakh, a.out, cfg.data, cfg.ray)
+    manifest = featurize(a.slakh, a.out, cfg.data, cfg.ray, align=a.align)
     return 1 if manifest["_run"]["bad_tracks"] and a.strict else 0
 
 
@@ -102,7 +109,8 @@ def _cmd_evaluate(a) -> int:
     from wss_ray.evaluate import evaluate
 
     cfg = load_config(a.config, a.overrides)
-    rows = evaluate(a.checkpoints, a.data, a.out, split=a.split, cfg=cfg, examples=a.examples)
+    rows = evaluate(a.checkpoints, a.data, a.out, split=a.split, cfg=cfg, examples=a.examples,
+                    score_informed=a.score_informed)
     return 0 if rows else 1
 
 
@@ -140,6 +148,13 @@ def _cmd_separate(a) -> int:
     return 0
 
 
+def _cmd_align(a) -> int:
+    from wss_ray.align import align_file
+
+    align_file(a.audio, a.midi, a.out, checkpoint=a.checkpoint)
+    return 0
+
+
 def _render_args(p: argparse.ArgumentParser) -> None:
     """What FluidSynth rendering takes, for every command that renders a corpus."""
     p.add_argument("--soundfont", help="General MIDI .sf2 (default: FluidR3_GM from fluid-soundfont-gm)")
@@ -171,11 +186,24 @@ def build_parser() -> argparse.ArgumentParser:
     _render_args(p)
     p.set_defaults(func=_cmd_scores)
 
+    p = data.add_parser("warp", help="copy a corpus with its MIDI time-warped (offset, tempo, smooth drift) and "
+                                     "the exact warp in each track's warp.json, to measure alignment against")
+    p.add_argument("--in", dest="src", metavar="CORPUS", required=True, help="Slakh-layout corpus to copy")
+    p.add_argument("--out", required=True, help="corpus folder to create, same layout (audio hard-linked if possible)")
+    p.add_argument("--seed", type=int, required=True, help="random seed; each track's warp follows from it and its name")
+    p.add_argument("--max-offset", type=float, default=1.0, help="score start off by up to this, seconds (default 1)")
+    p.add_argument("--max-tempo", type=float, default=0.10, help="score tempo off by up to this fraction (default 0.10)")
+    p.add_argument("--drift", type=float, default=0.25, help="smooth local drift up to this, seconds (default 0.25)")
+    p.set_defaults(func=_cmd_warp)
+
     p = data.add_parser("featurize", help="tracks -> Parquet chunks with score features (Ray Data)")
     p.add_argument("--slakh", required=True, help="Slakh2100-layout folder (real or synthetic)")
     p.add_argument("--out", required=True, help="feature folder (manifest.json, <split>/features, <split>/stems)")
     p.add_argument("--workers", type=int, default=0, help="parallel tasks (default: data.workers of the config)")
     p.add_argument("--strict", action="store_true", help="exit with status 1 when any track failed")
+    p.add_argument("--align", metavar="CKPT|salience",
+                   help="the scores are not aligned to the audio: align each track's MIDI to its mix first, with "
+                        "this checkpoint's transcriptor or the score-free 'salience' feature (see `wss-ray align`)")
     _config_args(p)
     p.set_defaults(func=_cmd_featurize)
 
@@ -221,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="writes results.md, results.csv, results.json here")
     p.add_argument("--split", default="test", help="split to evaluate (default test)")
     p.add_argument("--examples", type=int, default=0, help="also write this many example separations (WAV)")
+    p.add_argument("--score-informed", action="store_true",
+                   help="also score each checkpoint with its masks restricted to the harmonics of the chunk's score "
+                        "(a '<system>+score' row, as `separate --score` does)")
     _config_args(p)
     p.set_defaults(func=_cmd_evaluate)
 
@@ -259,6 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs (default cpu)")
     p.add_argument("--chunk-seconds", type=float, default=10.0, help="processing chunk length (default 10)")
     p.set_defaults(func=_cmd_separate)
+
+    p = sub.add_parser("align", help="align a MIDI file to a recording (DTW): the score's notes, tempo and "
+                                     "controls moved onto the recording's time line")
+    p.add_argument("audio", help="the recording (wav, flac, ogg, ...)")
+    p.add_argument("midi", help="its score as a MIDI file (any tempo, offset, expressive timing)")
+    p.add_argument("--out", required=True, help="the aligned MIDI file to write")
+    p.add_argument("--checkpoint", help="align with this checkpoint's transcriptor (transcriptor, separator or "
+                                        "finetune stage); default: a score-free spectral feature")
+    p.set_defaults(func=_cmd_align)
     return parser
 
 

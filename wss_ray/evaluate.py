@@ -115,14 +115,18 @@ def rows_of(results) -> list[dict]:
 
 def evaluate(checkpoints: list[str], data: str | Path, out: str | Path, split: str = "test",
              cfg: Config | None = None, examples: int = 0, batch_size: int = 16, log=print,
-             device: str = "cpu") -> list[dict]:
+             device: str = "cpu", score_informed: bool = False) -> list[dict]:
     """Score every checkpoint on ``split``; writes results.{md,csv,json,png} and the per-chunk
     distribution plot; returns the multi-source table's rows. On failure nothing this call
-    created is left behind (folders, example WAVs)."""
+    created is left behind (folders, example WAVs).
+
+    ``score_informed``: also a "<system>+score" row per checkpoint, its masks restricted to the
+    harmonics of the chunk's score (the features' rolls: the exact score, or the aligned one
+    for features made with ``--align``), as ``wss-ray separate --score`` does."""
     out = check_out_folder(out)
     made = [d for d in (out / "examples", out, *out.parents) if not d.exists()]   # innermost first
     try:
-        return _evaluate(checkpoints, data, out, split, examples, batch_size, log, device)
+        return _evaluate(checkpoints, data, out, split, examples, batch_size, log, device, score_informed)
     except BaseException:
         if out / "examples" in made:
             shutil.rmtree(out / "examples", ignore_errors=True)
@@ -132,7 +136,8 @@ def evaluate(checkpoints: list[str], data: str | Path, out: str | Path, split: s
         raise
 
 
-def _evaluate(checkpoints, data, out: Path, split, examples, batch_size, log, device) -> list[dict]:
+def _evaluate(checkpoints, data, out: Path, split, examples, batch_size, log, device,
+              score_informed: bool = False) -> list[dict]:
     import soundfile as sf
 
     manifest = load_manifest(data)
@@ -151,7 +156,7 @@ def _evaluate(checkpoints, data, out: Path, split, examples, batch_size, log, de
         n = s.system
         seen[n] = seen.get(n, 0) + 1
         names.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
-    systems = ["mixture", "oracle_irm"] + names
+    systems = ["mixture", "oracle_irm"] + names + ([f"{n}+score" for n in names] if score_informed else [])
     stft = STFT(manifest["n_fft"], manifest["hop"])
     scores = {s: [[] for _ in insts] for s in systems}
     multi = [[] for _ in insts]          # per instrument, per scored chunk: multi-source or not
@@ -172,6 +177,8 @@ def _evaluate(checkpoints, data, out: Path, split, examples, batch_size, log, de
         ests = {"mixture": mix[:, None].expand_as(refs), "oracle_irm": oracle_irm(spec, stft(refs), stft, L)}
         for n, s in zip(names, seps):
             ests[n] = s.separate_batch(mix).cpu()
+            if score_informed:
+                ests[f"{n}+score"] = s.separate_batch(mix, batch["roll"]).cpu()
             if n in rolls_est:
                 rolls_est[n].append((s.transcribe_batch(mix).cpu() > 0.5).numpy())
         rolls_ref.append(batch["roll"].numpy() > 0.5)
@@ -306,7 +313,7 @@ def _spread(v: list[float]) -> str:
 def ordering_holds(rows: list[dict]) -> bool | None:
     """Whether the multi-source averages follow the paper's ordering (None: a row is missing)."""
     systems = {r["system"] for r in rows}
-    fine = [s for s in systems if s.startswith("finetune")]
+    fine = [s for s in systems if s.startswith("finetune") and not s.endswith("+score")]
     finite = [f for f in fine if not np.isnan(_avg(rows, f))]
     chain = [s if s != "finetune" else (max(finite, key=lambda f: _avg(rows, f)) if finite else None)
              for s in PAPER_ORDERING]

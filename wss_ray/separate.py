@@ -22,11 +22,15 @@ import torch
 from wss_ray.atomic import atomic_path, check_out_folder
 from wss_ray.audio_io import ArrayReader, mono_waveform, open_audio, read_finite, wav_writer
 from wss_ray.checkpoint import CheckpointError, build_model, load_checkpoint
+from wss_ray.data.score import harmonic_basis, soft_score_mask
 from wss_ray.dsp import STFT, resample
 from wss_ray.midi_out import RollCollector, roll_to_midi
 from wss_ray.streaming import ProgressBar, fit_length, overlap_add_stream
 
 SEPARATOR_STAGES = ("separator", "finetune", "baseline", "supervised")
+# score-informed separation: how far from a note's harmonics (frames of 16 ms, STFT bins) its
+# energy is kept, and what is kept elsewhere (chosen on the validation split: BENCHMARKS.md)
+SCORE_TOLERANCE = {"time_tol": 2, "freq_tol": 1, "floor": 0.0}
 
 
 def check_chunk_seconds(chunk_seconds: float, name: str = "chunk_seconds") -> float:
@@ -58,6 +62,8 @@ class Separator:
         self.separator = separator.to(self.device).eval()
         self.transcriptor = transcriptor.to(self.device).eval() if transcriptor is not None else None
         self.stft = STFT(self.n_fft, self.hop)
+        self._basis = None
+        self.score_tolerance = dict(SCORE_TOLERANCE)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, device: str = "cpu") -> Separator:
@@ -82,11 +88,22 @@ class Separator:
         return self.sample_rate / self.hop
 
     @torch.no_grad()
-    def separate_batch(self, mix: torch.Tensor) -> torch.Tensor:
-        """(B, L) at the model's rate -> (B, K, L): masks applied to the mixture STFT (its phase)."""
+    def separate_batch(self, mix: torch.Tensor, score_roll: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) at the model's rate -> (B, K, L): masks applied to the mixture STFT (its phase).
+
+        ``score_roll`` (B, K, P, N) on the STFT frame grid: score-informed separation, each
+        instrument's mask kept only near the harmonics of its notes (:func:`soft_score_mask`)."""
         spec = self.stft(mix.to(self.device))
-        masks = self.separator(spec.abs())
-        return self.stft.inverse(masks.float() * spec[:, None], mix.shape[-1])
+        masks = self.separator(spec.abs()).float()
+        if score_roll is not None:
+            masks = masks * soft_score_mask(score_roll.to(self.device), self.basis, **self.score_tolerance)
+        return self.stft.inverse(masks * spec[:, None], mix.shape[-1])
+
+    @property
+    def basis(self) -> torch.Tensor:
+        if self._basis is None:
+            self._basis = harmonic_basis(self.sample_rate, self.n_fft, self.pitch_min, self.pitch_max).to(self.device)
+        return self._basis
 
     @torch.no_grad()
     def transcribe_batch(self, mix: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ exist; a bad track is named in the log and in ``featurize_report.json`` and skip
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -53,8 +54,33 @@ def chunk_track(mix: np.ndarray, stems: np.ndarray, notes: list[np.ndarray], cfg
         yield c, start, seg, seg_stems, roll, active
 
 
-def featurize_track(split: str, track_dir: str, out: str, cfg_dict: dict) -> dict:
-    """Ray Data map function: one track -> two shards. Returns a status row, never raises."""
+@functools.lru_cache(maxsize=2)
+def _transcriber(checkpoint: str):
+    from wss_ray.align import RollTranscriber
+
+    return RollTranscriber(checkpoint)
+
+
+def align_track(audio, align: str, what: str) -> dict:
+    """Move each target's notes onto the recording (in place); the alignment's summary.
+
+    One warp for the whole track, found from all target notes together against the mix: the
+    instruments of one score share its timing."""
+    from wss_ray.align import align_notes
+
+    notes = np.concatenate(audio.notes)
+    transcriber = None if align == "salience" else _transcriber(align)
+    al = align_notes(notes, audio.mix, audio.sample_rate, "salience" if transcriber is None else "transcriptor",
+                     transcriber, what=what)
+    audio.notes = [al.warp_notes(n) for n in audio.notes]
+    return al.summary(notes)
+
+
+def featurize_track(split: str, track_dir: str, out: str, cfg_dict: dict, align: str | None = None) -> dict:
+    """Ray Data map function: one track -> two shards. Returns a status row, never raises.
+
+    ``align``: None (the scores are aligned, as in Slakh), "salience" or a checkpoint holding a
+    transcriptor: align each track's MIDI to its mix first (:mod:`wss_ray.align`)."""
     import torch
 
     from wss_ray.dsp import resample
@@ -67,6 +93,7 @@ def featurize_track(split: str, track_dir: str, out: str, cfg_dict: dict) -> dic
         src = read_sources(split, track, cfg)
         mapping = json.dumps(src.mapping())
         audio = load_track(src, cfg)
+        alignment = align_track(audio, align, f"{track}: score alignment") if align else {}
         wave = torch.from_numpy(np.concatenate([audio.mix[None], audio.stems]))
         wave = resample(wave, audio.sample_rate, cfg.sample_rate).numpy()
         mix, stems = wave[0], wave[1:]
@@ -90,11 +117,12 @@ def featurize_track(split: str, track_dir: str, out: str, cfg_dict: dict) -> dic
         _write_parquet(stem_tab, spath)
         _write_parquet(feats, fpath)
         return {"split": split, "track": track.name, "chunks": n, "error": "", "mapping": mapping,
-                "audio_s": len(mix) / cfg.sample_rate, "seconds": time.time() - t0}
+                "audio_s": len(mix) / cfg.sample_rate, "seconds": time.time() - t0,
+                "alignment": json.dumps(alignment)}
     except Exception as e:  # reported by name in the log and the report file, never dropped
         msg = str(e) if str(track) in str(e) else f"{track}: {type(e).__name__}: {e}"
         return {"split": split, "track": track.name, "chunks": 0, "error": msg, "mapping": "{}",
-                "audio_s": 0.0, "seconds": time.time() - t0}
+                "audio_s": 0.0, "seconds": time.time() - t0, "alignment": "{}"}
 
 
 def describe_mapping(mapping: dict, instruments: list[str]) -> str:
@@ -140,11 +168,14 @@ def fingerprint(out: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _check_existing(out: Path, cfg: DataConfig) -> None:
+def _check_existing(out: Path, cfg: DataConfig, align: str | None = None) -> None:
     path = out / MANIFEST
     if not path.is_file():
         return
     old = read_json_mapping(path)
+    if old.get("score_alignment") != align:
+        raise ValueError(f"{path}: existing features were made with score alignment {old.get('score_alignment')!r}, "
+                         f"this run asks for {align!r}; use another --out folder or delete this one")
     for key in MANIFEST_KEYS:
         new = getattr(cfg, key) if key != "chunk_samples" else cfg.chunk_samples
         if old.get(key) != new:
@@ -170,17 +201,33 @@ def _clean_temp(out: Path) -> None:
         tmp.unlink()
 
 
+def check_align(align: str | None) -> str | None:
+    """``--align``: None, "salience", or a checkpoint holding a transcriptor (loaded here, so a
+    wrong one fails before any task starts). Returns the value to record."""
+    if align is None or align == "salience":
+        return align
+    from wss_ray.align import RollTranscriber
+
+    RollTranscriber(align)
+    return str(Path(align).resolve())
+
+
 def featurize(slakh: str | Path, out: str | Path, cfg: DataConfig, ray_cfg: RayConfig | None = None,
-              log: Callable[[str], None] = print, engine: str = "ray") -> dict:
+              log: Callable[[str], None] = print, engine: str = "ray", align: str | None = None) -> dict:
     """Featurize every track under ``slakh`` into ``out``; returns the manifest.
+
+    ``align``: the scores are not aligned to the audio; align each track's MIDI first, with the
+    score-free "salience" feature or a checkpoint's transcriptor (:func:`check_align`). A track
+    whose alignment fails its sanity check is named and skipped like any bad track.
 
     ``engine``: "ray" (Ray Data tasks, local instance or cluster) or "local" (a process pool
     of ``cfg.workers``, for machines without Ray); both write the same shards."""
     out = Path(out)
     check_out_folder(out)
     tracks = list_tracks(slakh)
+    align = check_align(align)
     out.mkdir(parents=True, exist_ok=True)
-    _check_existing(out, cfg)
+    _check_existing(out, cfg, align)
     _check_splits(out, tracks)
     _clean_temp(out)
     todo = [(s, t) for s, t in tracks if not shard_paths(out, s, t.name)[0].is_file()]
@@ -188,6 +235,7 @@ def featurize(slakh: str | Path, out: str | Path, cfg: DataConfig, ray_cfg: RayC
         f"{len(todo)} to do with {cfg.workers} parallel task(s)")
     errors: list[dict] = []
     mappings: dict[str, dict] = {}
+    alignments: dict[str, dict] = {}
     report_path = out / REPORT
     if report_path.is_file():  # keep earlier failures that are still unresolved
         old = read_json_mapping(report_path)
@@ -196,11 +244,12 @@ def featurize(slakh: str | Path, out: str | Path, cfg: DataConfig, ray_cfg: RayC
                   and (e["split"], e["track"]) not in {(s, t.name) for s, t in todo}]
         mappings = {k: v for k, v in old.get("tracks", {}).items()
                     if shard_paths(out, *k.split("/", 1))[0].is_file()}
+        alignments = {k: v for k, v in old.get("alignment", {}).items() if k in mappings}
     t0 = time.time()
     audio_s = 0.0
     done_now: dict[str, dict] = {}
     if todo:
-        rows = _map_ray(todo, out, cfg, ray_cfg) if engine == "ray" else _map_local(todo, out, cfg)
+        rows = _map_ray(todo, out, cfg, ray_cfg, align) if engine == "ray" else _map_local(todo, out, cfg, align)
         # about ten progress lines whatever the corpus size; every failure gets its own line
         every = max(1, math.ceil(len(todo) / 10))
         for i, row in enumerate(rows, 1):
@@ -210,6 +259,8 @@ def featurize(slakh: str | Path, out: str | Path, cfg: DataConfig, ray_cfg: RayC
             else:
                 audio_s += row["audio_s"]
                 done_now[f"{row['split']}/{row['track']}"] = json.loads(row["mapping"])
+                if align:
+                    alignments[f"{row['split']}/{row['track']}"] = json.loads(row["alignment"])
             if i % every == 0 or i == len(todo):
                 elapsed = time.time() - t0
                 log(f"[featurize] {i}/{len(todo)} tracks, {elapsed:.0f} s"
@@ -217,9 +268,16 @@ def featurize(slakh: str | Path, out: str | Path, cfg: DataConfig, ray_cfg: RayC
         for line in summarize_mappings(done_now, cfg.instruments):
             log(f"[featurize] {line}")
         mappings.update(done_now)
+        if align and alignments:
+            costs = np.array([a["cost_ratio"] for a in alignments.values()])
+            log(f"[featurize] scores aligned ({Path(align).name if align != 'salience' else align}): cost "
+                f"{np.median(costs):.2f} of chance (median; worst {costs.max():.2f}); per track: {REPORT}")
     wall = time.time() - t0
-    write_text(report_path, json.dumps({"bad_tracks": errors, "tracks": dict(sorted(mappings.items()))}, indent=2))
-    manifest = write_manifest(out, cfg, source=str(slakh))
+    report = {"bad_tracks": errors, "tracks": dict(sorted(mappings.items()))}
+    if align:
+        report["alignment"] = dict(sorted(alignments.items()))
+    write_text(report_path, json.dumps(report, indent=2))
+    manifest = write_manifest(out, cfg, source=str(slakh), align=align)
     log(f"[featurize] {sum(v['chunks'] for v in manifest['splits'].values())} chunks in "
         f"{len(manifest['splits'])} split(s); {len(errors)} bad track(s)"
         + (f" (see {report_path})" if errors else "")
@@ -228,7 +286,7 @@ def featurize(slakh: str | Path, out: str | Path, cfg: DataConfig, ray_cfg: RayC
     return manifest
 
 
-def _map_ray(todo: list, out: Path, cfg: DataConfig, ray_cfg: RayConfig | None):
+def _map_ray(todo: list, out: Path, cfg: DataConfig, ray_cfg: RayConfig | None, align: str | None = None):
     import ray
 
     from wss_ray.ray_session import ensure_ray
@@ -237,24 +295,24 @@ def _map_ray(todo: list, out: Path, cfg: DataConfig, ray_cfg: RayConfig | None):
     items = [{"split": s, "track_dir": str(t)} for s, t in todo]
     cfg_dict = cfg.to_dict()
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map(lambda r: featurize_track(r["split"], r["track_dir"], str(out), cfg_dict),
+    ds = ds.map(lambda r: featurize_track(r["split"], r["track_dir"], str(out), cfg_dict, align),
                 num_cpus=1, compute=ray.data.TaskPoolStrategy(size=cfg.workers))
     yield from ds.iter_rows()
 
 
-def _map_local(todo: list, out: Path, cfg: DataConfig):
+def _map_local(todo: list, out: Path, cfg: DataConfig, align: str | None = None):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     cfg_dict = cfg.to_dict()
     # spawn: a forked child of a process holding torch or Ray threads can hang
     with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(featurize_track, s, str(t), str(out), cfg_dict) for s, t in todo]
+        futures = [pool.submit(featurize_track, s, str(t), str(out), cfg_dict, align) for s, t in todo]
         for f in as_completed(futures):
             yield f.result()
 
 
-def write_manifest(out: Path, cfg: DataConfig, source: str = "") -> dict:
+def write_manifest(out: Path, cfg: DataConfig, source: str = "", align: str | None = None) -> dict:
     splits = {}
     for split_dir in sorted(p for p in out.iterdir() if (p / FEATURES).is_dir()):
         shards = shard_files(split_dir / FEATURES)
@@ -266,6 +324,8 @@ def write_manifest(out: Path, cfg: DataConfig, source: str = "") -> dict:
         "n_fft": cfg.n_fft, "hop": cfg.hop, "n_frames": cfg.n_frames,
         "instruments": list(cfg.instruments), "pitch_min": cfg.pitch_min, "pitch_max": cfg.pitch_max,
         "mix": cfg.mix, "splits": splits, "fingerprint": fingerprint(out), "source": source,
+        # how the scores were put on the audio's time line: None = as given (aligned, as in Slakh)
+        "score_alignment": align,
     }
     write_text(out / MANIFEST, json.dumps(manifest, indent=2))
     return manifest

@@ -105,3 +105,19 @@ def harmonic_masks_reference(roll: np.ndarray, sample_rate: int, n_fft: int, pit
                 if abs(f - c) <= half:
                     out[b, k, f, n] = 1.0
     return out
+
+
+def soft_score_mask(roll: torch.Tensor, basis: torch.Tensor, time_tol: int = 2, freq_tol: int = 1,
+                    floor: float = 0.0) -> torch.Tensor:
+    """Rolls (B, K, P, N) -> (B, K, F, N) in [floor, 1]: 1 near the harmonics of each
+    instrument's notes, ``floor`` elsewhere. Score-informed separation multiplies a separator's
+    masks by it.
+
+    The harmonic masks are widened by ``time_tol`` frames and ``freq_tol`` bins on each side, so a
+    note a little early or late (an alignment error, a slow attack, a release tail) or slightly
+    detuned keeps its energy."""
+    h = harmonic_masks(roll, basis)
+    B, K, F, N = h.shape
+    wide = torch.nn.functional.max_pool2d(h.reshape(B * K, 1, F, N), kernel_size=(2 * freq_tol + 1, 2 * time_tol + 1),
+                                          stride=1, padding=(freq_tol, time_tol)).reshape(B, K, F, N)
+    return floor + (1.0 - floor) * wide

@@ -8,6 +8,11 @@ the error of the warped score taken as it is, and how often the cost test refuse
 another track (and wrongly refuses the track's own).
 
     python benchmarks/bench_align.py --corpus CORPUS_WARPED [--checkpoint CKPT] [--split test]
+    python benchmarks/bench_align.py --corpus CORPUS_WARPED --long-minutes 10   # memory and time
+
+``--long-minutes``: one track's mix and warped score repeated to that length (a 10-minute song),
+aligned once with the salience feature; prints the wall time, the DTW frame rate and the peak
+resident memory of the process (DTW's cost matrix is bounded by wss_ray.align.MAX_CELLS).
 """
 from __future__ import annotations
 
@@ -30,11 +35,14 @@ def main() -> None:
     ap.add_argument("--checkpoint", help="also align with this checkpoint's transcriptor")
     ap.add_argument("--split", default="test")
     ap.add_argument("--out", help="write the figures as JSON here")
+    ap.add_argument("--long-minutes", type=float, default=0.0, help="only the long-song memory check")
     a = ap.parse_args()
+    if a.long_minutes:
+        return long_song(a.corpus, a.split, a.long_minutes)
     tracks = [t for s, t in list_tracks(a.corpus) if s == a.split]
     features = {"salience": None}
     if a.checkpoint:
-        features["transcriptor"] = RollTranscriber(a.checkpoint)
+        features["transcriptor"] = RollTranscriber.load(a.checkpoint)
     errs = {"as given": []} | {f: [] for f in features}
     own = {f: [] for f in features}
     other = {f: [] for f in features}
@@ -80,6 +88,25 @@ def main() -> None:
               f"{row['within_50ms']:.0%} | {extra} |")
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=2))
+
+
+def long_song(corpus: str, split: str, minutes: float) -> None:
+    import resource
+
+    track = [t for s, t in list_tracks(corpus) if s == split][0]
+    wave, sr = read_audio(track / "mix.flac")
+    notes = load_notes(track / "all_src.mid")
+    reps = int(np.ceil(minutes * 60 / (len(wave) / sr)))
+    length = len(wave) / sr
+    long_wave = np.tile(wave, reps)
+    long_notes = np.concatenate([notes + np.array([r * length, r * length, 0.0]) for r in range(reps)])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    al = align_notes(long_notes, long_wave, sr, "salience", check=False)
+    took = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{len(long_wave) / sr / 60:.1f} min of audio, {len(long_notes)} notes: aligned in {took:.1f} s at "
+          f"{al.fps:.2f} frames/s; peak RSS {peak:.0f} MB (before aligning {before:.0f} MB)")
 
 
 if __name__ == "__main__":

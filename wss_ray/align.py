@@ -5,15 +5,15 @@ Two representations of the audio, each with an onset channel (rises of the activ
 the score's note onsets) that pins the path to attacks rather than letting it slide along held
 chords:
 - ``salience`` (no model): the recording's STFT magnitude pooled onto semitones, against the
-  score's notes each spread over its harmonic series (on 8 synthetic tracks: onset error mean
-  31 ms, median 19 ms; librosa's chroma gave 105 / 52 ms: it cannot tell the bass's octave);
+  score's notes each spread over its harmonic series (onset error on synthetic test tracks: median
+  ~19 ms; librosa's chroma gave 52 ms on the same tracks: it cannot tell the bass's octave);
 - a trained transcriptor (any checkpoint that holds one): its pitch-activation roll, summed over
-  instruments, against the score's piano roll (30 / 14 ms on the same tracks).
+  instruments, against the score's piano roll (median ~11 ms). Figures: BENCHMARKS.md.
 
 Memory is bounded: DTW keeps a cost matrix of (audio frames x score frames), so the frame rate
 is lowered for long inputs until the matrix stays under ``MAX_CELLS`` (50 frames/s up to
-about 1.5 minutes; a 10-minute song against a 10-minute score aligns at 7.5 frames/s, in
-about 400 MB).
+about 1.5 minutes; a 10-minute song aligns at 7.4 frames/s in about 7 s, its alignment taking
+about 650 MB on top of the process: benchmarks/bench_align.py --long-minutes 10).
 """
 from __future__ import annotations
 
@@ -27,9 +27,10 @@ from wss_ray.data.score import ScoreError, notes_to_roll
 
 FPS = 50.0            # DTW frame rate for songs of a few minutes (20 ms per frame)
 MAX_CELLS = 2e7       # cells of the DTW cost matrix: ~20 bytes each in librosa's DTW
-# A path whose mean cost is above this share of the matrix's mean cost is no alignment. Measured
-# on 8 synthetic test tracks against a warped copy of their own score and the score of another
-# track: transcriptor 0.26-0.51 own, 0.75-1.01 other; salience 0.49-0.66 own, 0.90-1.02 other.
+# A path whose mean cost is above this share of the matrix's mean cost is no alignment. Chosen on
+# the validation split of a warped demo corpus (benchmarks/bench_align.py), each track's mix
+# against its own warped score and the score of the next track: transcriptor 0.29-0.60 own,
+# 0.68-1.01 other; salience 0.44-0.78 own, 0.77-1.00 other (92% of other scores refused).
 MAX_COST_RATIO = {"transcriptor": 0.65, "salience": 0.8}
 MAX_TEMPO_RATIO = 2.0  # the score's overall tempo may differ by this factor at most
 ONSET_WEIGHT = 0.5     # weight of the onset channel against the 12 (or P) pitch channels
@@ -233,21 +234,30 @@ def align_notes(notes: np.ndarray, wave: np.ndarray, sample_rate: int, feature: 
 class RollTranscriber:
     """A trained transcriptor as an alignment feature: pitch activations summed over instruments."""
 
-    def __init__(self, checkpoint: str | Path, device: str = "cpu"):
-        import torch
-
-        from wss_ray.checkpoint import build_model, load_checkpoint
+    def __init__(self, model, sample_rate: int, n_fft: int, hop: int, pitch_min: int, pitch_max: int,
+                 name: str = "transcriptor"):
         from wss_ray.dsp import STFT
+
+        self.model = model.eval()
+        self.sample_rate, self.n_fft, self.hop = sample_rate, n_fft, hop
+        self.pitch_min, self.pitch_max = pitch_min, pitch_max
+        self.stft = STFT(n_fft, hop)
+        self.device = next(model.parameters()).device
+        self.name = name
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, device: str = "cpu") -> RollTranscriber:
+        """From any checkpoint holding a transcriptor (transcriptor, separator or finetune stage)."""
+        from wss_ray.checkpoint import CheckpointError, build_model, load_checkpoint
 
         payload, meta = load_checkpoint(checkpoint, stages=("transcriptor", "separator", "finetune"),
                                         purpose="alignment with a transcriptor")
         data = meta.get("signal") or (meta.get("config") or {}).get("data") or {}
-        self.sample_rate, self.n_fft, self.hop = int(data["sample_rate"]), int(data["n_fft"]), int(data["hop"])
-        self.pitch_min, self.pitch_max = int(data["pitch_min"]), int(data["pitch_max"])
-        self.model = build_model(payload, "transcriptor").to(device).eval()
-        self.stft = STFT(self.n_fft, self.hop)
-        self.device = torch.device(device)
-        self.name = str(checkpoint)
+        try:
+            signal = [int(data[k]) for k in ("sample_rate", "n_fft", "hop", "pitch_min", "pitch_max")]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{checkpoint}: meta.json lacks the signal settings") from None
+        return cls(build_model(payload, "transcriptor").to(device), *signal, name=str(checkpoint))
 
     def roll(self, wave: np.ndarray, sample_rate: int, chunk_seconds: float = 30.0) -> np.ndarray:
         """(P, N) activation at the model's frame rate, chunk by chunk (memory stays flat)."""
@@ -315,7 +325,7 @@ def align_file(audio: str | Path, midi: str | Path, out: str | Path, checkpoint:
     finally:
         reader.close()
     notes = midi_notes(midi)
-    transcriber = RollTranscriber(checkpoint) if checkpoint else None
+    transcriber = RollTranscriber.load(checkpoint) if checkpoint else None
     al = align_notes(notes, wave, sr, "transcriptor" if transcriber else "salience", transcriber,
                      what=f"{midi} vs {audio}")
     # the MIDI's events keep their ticks; only its tempo map is rewritten (pretty_midi's adjust_times

@@ -144,7 +144,8 @@ def _cmd_separate(a) -> int:
 
     check_chunk_seconds(a.chunk_seconds, "--chunk-seconds")  # before the checkpoint loads
 
-    separate_files(a.audio, a.checkpoint, a.out, midi=a.midi, device=a.device, chunk_seconds=a.chunk_seconds)
+    separate_files(a.audio, a.checkpoint, a.out, midi=a.midi, device=a.device, chunk_seconds=a.chunk_seconds,
+                   score=a.score)
     return 0
 
 
@@ -289,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--midi", action="store_true", help="also write the transcription (needs a transcriptor)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs (default cpu)")
     p.add_argument("--chunk-seconds", type=float, default=10.0, help="processing chunk length (default 10)")
+    p.add_argument("--score", metavar="MIDI",
+                   help="the song's score (one input file): aligned to the recording, then each instrument keeps "
+                        "only what is near the harmonics of its notes; an instrument the score lacks is silent")
     p.set_defaults(func=_cmd_separate)
 
     p = sub.add_parser("align", help="align a MIDI file to a recording (DTW): the score's notes, tempo and "

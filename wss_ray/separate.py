@@ -111,6 +111,21 @@ class Separator:
         self._need_transcriptor()
         return torch.sigmoid(self.transcriptor(self.stft(mix.to(self.device)).abs())["roll"].float())
 
+    def aligner(self):
+        """This model's transcriptor as an alignment feature (None without one)."""
+        from wss_ray.align import RollTranscriber
+
+        if self.transcriptor is None:
+            return None
+        return RollTranscriber(self.transcriptor, self.sample_rate, self.n_fft, self.hop, self.pitch_min,
+                               self.pitch_max, name=self.system)
+
+    def guide(self, score: str | Path, waveform: np.ndarray, sample_rate: int, what: str = ""):
+        """A score of this recording, aligned to it (:func:`wss_ray.score_informed.guide_for`)."""
+        from wss_ray.score_informed import guide_for
+
+        return guide_for(score, waveform, sample_rate, self.instruments, self.aligner(), what=what)
+
     def _need_transcriptor(self) -> None:
         if self.transcriptor is None:
             raise CheckpointError(f"{self.system}: the checkpoint holds no transcriptor (train a separator "
@@ -118,11 +133,12 @@ class Separator:
 
     @torch.no_grad()
     def stream(self, reader, chunk_seconds: float = 10.0, roll: RollCollector | None = None,
-               progress=None) -> Iterator[tuple[int, torch.Tensor, np.ndarray]]:
+               progress=None, guide=None) -> Iterator[tuple[int, torch.Tensor, np.ndarray]]:
         """Separate a reader (``.read(start, n)``, ``.frames``, ``.sample_rate``) chunk by chunk.
 
         Yields (start, estimates (K, n) at the reader's rate, mixture (n,)) in order. Given a
-        ``roll``, the transcriptor's roll of the whole input is assembled in it as well.
+        ``roll``, the transcriptor's roll of the whole input is assembled in it as well. Given a
+        ``guide`` (:class:`wss_ray.score_informed.ScoreGuide`), separation is score-informed.
         """
         if roll is not None:
             self._need_transcriptor()
@@ -142,7 +158,9 @@ class Separator:
             # cut back: the centred STFT cannot reflect-pad a shorter signal
             length = x.shape[-1]
             x = torch.nn.functional.pad(x, (0, max(0, self.n_fft - length)))
-            est = self.separate_batch(x)[0].float().cpu()[..., :length]
+            score = None if guide is None else guide.roll(start / sr, x.shape[-1] // self.hop + 1, self.sample_rate,
+                                                          self.hop, self.pitch_min, self.pitch_max)[None]
+            est = self.separate_batch(x, score)[0].float().cpu()[..., :length]
             if roll is not None:
                 probs = self.transcribe_batch(x)[0].cpu().numpy()[..., :length // self.hop + 1]
                 roll.place(probs, start, chunk, n, sr, fps)
@@ -153,11 +171,16 @@ class Separator:
                 yield start, est, read(start, est.shape[1])
 
     def separate(self, waveform: torch.Tensor | np.ndarray, sample_rate: int, chunk_seconds: float = 10.0,
-                 progress=None) -> dict[str, torch.Tensor]:
+                 progress=None, score: str | Path | None = None) -> dict[str, torch.Tensor]:
         """Mono waveform (L,) at any rate -> {instrument: (L,)} at the same rate, plus "residual"
-        (mixture minus the estimates, so everything sums back to the input)."""
+        (mixture minus the estimates, so everything sums back to the input).
+
+        ``score``: a MIDI file of this recording (any tempo or offset): aligned to it, then each
+        instrument keeps only what lies near the harmonics of its notes; an instrument the score
+        does not have is silent. A score of another piece raises an AlignmentError."""
         wave = mono_waveform(waveform)
-        blocks = list(self.stream(ArrayReader(wave, sample_rate), chunk_seconds, progress=progress))
+        guide = self.guide(score, wave, sample_rate) if score is not None else None
+        blocks = list(self.stream(ArrayReader(wave, sample_rate), chunk_seconds, progress=progress, guide=guide))
         est = torch.cat([b for _, b, _ in blocks], dim=1) if blocks else torch.zeros(len(self.instruments), 0)
         out = {name: est[i] for i, name in enumerate(self.instruments)}
         out["residual"] = torch.as_tensor(wave) - est.sum(0)
@@ -178,9 +201,15 @@ class Separator:
 
 
 def separate_files(paths: list[str], checkpoint: str | None, out: str, midi: bool = False, device: str = "cpu",
-                   chunk_seconds: float = 10.0, log=print, progress_stream=None) -> list[Path]:
+                   chunk_seconds: float = 10.0, log=print, progress_stream=None, score: str | None = None) -> list[Path]:
     """Separate each file into <out>/<file stem>/{instrument}.wav + residual.wav (+ transcription.mid),
-    at the input's sample rate and length. Files appear only when complete (temp name, then rename)."""
+    at the input's sample rate and length. Files appear only when complete (temp name, then rename).
+
+    ``score``: the MIDI score of the (one) input: score-informed separation (:meth:`Separator.separate`)."""
+    if score is not None and len(paths) != 1:
+        raise ValueError(f"--score: one audio file at a time (a score belongs to one recording), got {len(paths)}")
+    if score is not None and not Path(score).is_file():
+        raise FileNotFoundError(f"{score}: no such MIDI file")
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         what = "a directory, not an audio file" if Path(missing[0]).is_dir() else "no such audio file"
@@ -205,6 +234,16 @@ def separate_files(paths: list[str], checkpoint: str | None, out: str, midi: boo
     for path in paths:
         reader = open_audio(path)
         sr = reader.sample_rate
+        guide = None
+        if score is not None:
+            try:   # the whole recording once, to align the score to it (before any output exists)
+                guide = sep.guide(score, read_finite(reader, 0, reader.frames), sr, what=f"{score} vs {path}")
+            except BaseException:
+                reader.close()
+                raise
+            s = guide.alignment.summary(np.concatenate([n for n in guide.notes if len(n)]))
+            log(f"[separate] score {score}: aligned ({guide.alignment.feature}; cost {s['cost_ratio']:.2f} of "
+                f"chance); {guide.describe()}")
         folder = Path(out) / Path(path).stem
         made = [d for d in (folder, *folder.parents) if not d.exists()]   # removed again on failure
         names = sep.instruments + ["residual"]
@@ -220,7 +259,7 @@ def separate_files(paths: list[str], checkpoint: str | None, out: str, midi: boo
                 # targets in reverse renames the stems in order and the MIDI last
                 tmps = {t: outputs.enter_context(atomic_path(t)) for t in reversed(targets)}
                 sinks = {name: outputs.enter_context(wav_writer(tmps[t], sr)) for name, t in zip(names, targets)}
-                for _, est, mix in sep.stream(reader, chunk_seconds, roll=roll, progress=bar):
+                for _, est, mix in sep.stream(reader, chunk_seconds, roll=roll, progress=bar, guide=guide):
                     est_np = est.numpy()
                     for k, name in enumerate(sep.instruments):
                         sinks[name].write(est_np[k])

@@ -58,7 +58,7 @@ def chunk_track(mix: np.ndarray, stems: np.ndarray, notes: list[np.ndarray], cfg
 def _transcriber(checkpoint: str):
     from wss_ray.align import RollTranscriber
 
-    return RollTranscriber(checkpoint)
+    return RollTranscriber.load(checkpoint)
 
 
 def align_track(audio, align: str, what: str) -> dict:
@@ -208,7 +208,7 @@ def check_align(align: str | None) -> str | None:
         return align
     from wss_ray.align import RollTranscriber
 
-    RollTranscriber(align)
+    RollTranscriber.load(align)
     return str(Path(align).resolve())
 
 

@@ -62,8 +62,8 @@ def main() -> None:
             al = align_notes(notes, wave, sr, kind, tr, check=False)
             seconds[f] += time.perf_counter() - t0
             errs[f].append(np.abs(al.to_audio(notes[:, 0]) - truth))
-            own[f].append(al.cost_ratio)
-            other[f].append(align_notes(wrong, wave, sr, kind, tr, check=False).cost_ratio)
+            own[f].append(al.check_ratio)
+            other[f].append(align_notes(wrong, wave, sr, kind, tr, check=False).check_ratio)
     out = {"corpus": a.corpus, "split": a.split, "tracks": len(tracks), "notes": int(sum(map(len, errs["as given"])))}
     print(f"{len(tracks)} tracks of {a.corpus}/{a.split}, {out['notes']} notes")
     print("| scores | onset error mean (ms) | median (ms) | 90th pct (ms) | within 50 ms | own score refused | "
@@ -74,7 +74,7 @@ def main() -> None:
         row = {"mean_ms": float(e.mean()), "median_ms": float(np.median(e)), "p90_ms": float(np.percentile(e, 90)),
                "within_50ms": float((e <= 50).mean())}
         if f in own:
-            lim = MAX_COST_RATIO[f]
+            lim = MAX_COST_RATIO
             row |= {"own_refused": float(np.mean(np.array(own[f]) > lim)),
                     "other_refused": float(np.mean(np.array(other[f]) > lim)),
                     "own_cost": [float(min(own[f])), float(max(own[f]))],

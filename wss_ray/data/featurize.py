@@ -269,7 +269,7 @@ def featurize(slakh: str | Path, out: str | Path, cfg: DataConfig, ray_cfg: RayC
             log(f"[featurize] {line}")
         mappings.update(done_now)
         if align and alignments:
-            costs = np.array([a["cost_ratio"] for a in alignments.values()])
+            costs = np.array([a["check_ratio"] for a in alignments.values()])
             log(f"[featurize] scores aligned ({Path(align).name if align != 'salience' else align}): cost "
                 f"{np.median(costs):.2f} of chance (median; worst {costs.max():.2f}); per track: {REPORT}")
     wall = time.time() - t0

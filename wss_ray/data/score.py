@@ -111,12 +111,16 @@ def soft_score_mask(roll: torch.Tensor, basis: torch.Tensor, time_tol: int = 2, 
                     floor: float = 0.0) -> torch.Tensor:
     """Rolls (B, K, P, N) -> (B, K, F, N) in [floor, 1]: 1 near the harmonics of each
     instrument's notes, ``floor`` elsewhere. Score-informed separation multiplies a separator's
-    masks by it.
+    masks by it. ``basis``: (P, F), or (K, P, F) for a basis per instrument (a distorted guitar
+    has far more audible harmonics than a bass).
 
     The harmonic masks are widened by ``time_tol`` frames and ``freq_tol`` bins on each side, so a
     note a little early or late (an alignment error, a slow attack, a release tail) or slightly
     detuned keeps its energy."""
-    h = harmonic_masks(roll, basis)
+    if basis.dim() == 3:
+        h = (torch.einsum("bkpn,kpf->bkfn", roll.to(basis.dtype), basis) > 0).to(basis.dtype)
+    else:
+        h = harmonic_masks(roll, basis)
     B, K, F, N = h.shape
     wide = torch.nn.functional.max_pool2d(h.reshape(B * K, 1, F, N), kernel_size=(2 * freq_tol + 1, 2 * time_tol + 1),
                                           stride=1, padding=(freq_tol, time_tol)).reshape(B, K, F, N)

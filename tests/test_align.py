@@ -110,6 +110,9 @@ def test_bad_scores_get_one_line(warped, tmp_path, capsys):
         (["align", audio, str(tmp_path / "missing.mid")], "no such MIDI file"),
         (["separate", audio, audio, "--score", str(track / "all_src.mid")], "one audio file at a time"),
         (["align", audio, str(track / "all_src.mid"), "--checkpoint", str(tmp_path)], "not a wss-ray checkpoint"),
+        (["align", audio, str(tmp_path / "long.mid"), "--out", str(tmp_path / "long.mid")], "is one of the inputs"),
+        (["align", audio, str(track / "all_src.mid"), "--max-cost", "1.5"], "(0, 1]"),
+        (["align", audio, str(track / "all_src.mid"), "--out", str(tmp_path)], "is a folder"),
     ]
     for argv, needle in cases:
         if argv[0] == "align" and "--out" not in argv:
@@ -220,8 +223,26 @@ def test_soft_score_mask_tolerance():
 
 
 def test_a_score_that_is_too_long_or_empty_is_refused():
-    wave = np.zeros(16000 * 5, np.float32)
+    wave = np.random.default_rng(0).normal(0, 0.1, 16000 * 5).astype(np.float32)
+    notes = np.array([[0.0, 1.0, 60.0], [2.0, 3.0, 62.0]])
     with pytest.raises(AlignmentError, match="no notes"):
         align_notes(np.zeros((0, 3)), wave, 16000)
     with pytest.raises(AlignmentError, match="cannot be this recording's score"):
         align_notes(np.array([[0.0, 1.0, 60.0], [30.0, 31.0, 62.0]]), wave, 16000)
+    with pytest.raises(AlignmentError, match="is silent"):
+        align_notes(notes, np.zeros_like(wave), 16000)
+    bad = wave.copy()
+    bad[16000 * 2] = np.nan
+    with pytest.raises(AlignmentError, match=r"non-finite sample \(NaN or Inf\) at 2.000 s"):
+        align_notes(notes, bad, 16000)
+
+
+def test_silence_around_the_recording_is_not_aligned_to(corpus):
+    track = _tracks(corpus)[0]
+    wave, sr = read_audio(track / "mix.flac")
+    notes = load_notes(track / "all_src.mid")
+    padded = np.concatenate([np.zeros(3 * sr, np.float32), wave, np.zeros(4 * sr, np.float32)])
+    al = align_notes(notes, padded, sr)
+    err = np.abs(al.to_audio(notes[:, 0]) - (notes[:, 0] + 3.0))
+    assert np.median(err) < 0.06, np.median(err)
+    assert abs(al.stretch - 1) < 0.1

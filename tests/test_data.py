@@ -116,7 +116,7 @@ def test_known_note_lands_on_right_pitch_and_frames(tmp_path):
 
 def test_empty_midi_is_an_error(tmp_path):
     pretty_midi.PrettyMIDI().write(str(tmp_path / "empty.mid"))
-    with pytest.raises(ValueError, match="empty.mid: MIDI file has no notes"):
+    with pytest.raises(ValueError, match="empty.mid: MIDI file has no pitched notes"):
         load_notes(tmp_path / "empty.mid")
 
 

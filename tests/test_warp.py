@@ -112,9 +112,78 @@ def test_rerun_keeps_tracks_and_a_seed_gives_one_warp(corpus, warped, tmp_path):
     # the corpus run derives each track's seed from the corpus seed and the track's name
     from wss_ray.data.warp import track_seed
 
-    assert json.loads((out / rel / "warp.json").read_text())["seed"] == track_seed(7, track.name)
+    rec = json.loads((out / rel / "warp.json").read_text())
+    assert rec["seed"] == track_seed(7, track.name) and rec["corpus_seed"] == 7
     with pytest.raises(SlakhError, match="warped copy"):   # warping a warped copy would lose the first warp
         warp_track(out / rel, tmp_path / "d", seed=1)
+
+
+def test_rerun_with_another_seed_or_bounds_is_refused(corpus, warped, tmp_path):
+    out, _ = warped
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    n = len(list_tracks(corpus))
+    with pytest.raises(ValueError, match=rf"warp\.json: made with --seed 7, this run asks for --seed 8 \({n} tracks "
+                                         r"of --out differ\); use another --out or delete them"):
+        warp_corpus(corpus, out, seed=8, log=lambda line: None)
+    with pytest.raises(ValueError, match=r"warp\.json: made with --max-tempo 0\.1 --drift 0\.25, this run asks for "
+                                         r"--max-tempo 0\.2 --drift 0\.3 "):
+        warp_corpus(corpus, out, seed=7, max_tempo=0.2, drift=0.3, log=lambda line: None)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps   # nothing written, nothing left
+    # a track folder that is not a warped track is not taken for one
+    _, track = list_tracks(corpus)[0]
+    dst = tmp_path / "o" / track.relative_to(corpus)
+    dst.mkdir(parents=True)
+    with pytest.raises(SlakhError, match=rf"{dst.name}: already in --out but has no warp\.json.*delete {dst}"):
+        warp_corpus(corpus, tmp_path / "o", seed=7, log=lambda line: None)
+    (dst / "warp.json").write_text("{not json")
+    with pytest.raises(SlakhError, match=rf"{dst.name}/warp\.json: unreadable \(JSONDecodeError"):
+        warp_corpus(corpus, tmp_path / "o", seed=7, log=lambda line: None)
+    assert [p for p in (tmp_path / "o").rglob("*") if p.is_file()] == [dst / "warp.json"]
+
+
+def test_warping_a_warped_copy_leaves_nothing(warped, tmp_path, capsys):
+    out, _ = warped
+    with pytest.raises(SlakhError, match="warp.json: the track is a warped copy"):
+        warp_corpus(out, tmp_path / "a", seed=1, log=lambda line: None)
+    assert main(["data", "warp", "--in", str(out / "test"), "--out", str(tmp_path / "b" / "c"), "--seed", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the track is a warped copy" in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def _flat(corpus, folder, n):
+    tracks = [t for _, t in list_tracks(corpus)][:n]
+    for t in tracks:
+        shutil.copytree(t, folder / t.name, copy_function=os.link)
+    return [folder / t.name for t in tracks]
+
+
+def _spoil(track):
+    midi = sorted((track / "MIDI").glob("*.mid"))[0]
+    midi.unlink()   # a hard link to the shared corpus: replaced, not written through
+    midi.write_bytes(b"not a MIDI file")
+    return midi
+
+
+def test_a_bad_track_is_named_and_the_others_are_written(corpus, tmp_path, capsys):
+    good, bad, good2 = _flat(corpus, tmp_path / "flat", 3)
+    midi = _spoil(bad)
+    out = tmp_path / "out"
+    assert main(["data", "warp", "--in", str(tmp_path / "flat"), "--out", str(out), "--seed", "1"]) == 2
+    cap = capsys.readouterr()
+    err = cap.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"wss-ray: error: 1 of 3 tracks failed (the first: {bad.name}: {midi}: "
+                                               "unreadable MIDI file"), err
+    assert err[0].endswith(f"the 2 others are in {out}, and a rerun keeps them")
+    assert f"[warp] FAILED {bad.name}: {midi}: unreadable MIDI file" in cap.out
+    assert "2 tracks warped, 0 kept, 1 failed" in cap.out
+    assert sorted(p.name for p in out.iterdir()) == sorted([good.name, good2.name])   # no temporary left
+    assert all((out / t.name / "warp.json").is_file() for t in (good, good2))
+    # a corpus whose only track fails leaves no folder behind
+    _spoil(_flat(corpus, tmp_path / "one" / "test", 1)[0])
+    with pytest.raises(SlakhError, match=r"1 of 1 tracks failed \(the first: test/.*; none written$"):
+        warp_corpus(tmp_path / "one" / "test", tmp_path / "x" / "y", seed=1, log=lambda line: None)
+    assert not (tmp_path / "x").exists()
 
 
 def test_flat_corpus_and_split_folder_keep_their_layout(corpus, tmp_path):
@@ -208,6 +277,16 @@ def test_warp_midi_refuses_notes_before_zero_and_a_short_map(tmp_path):
         warp_midi(tmp_path / "a.mid", tmp_path / "b.mid", a, s - np.interp(0.5, a, s) - 0.5)
     with pytest.raises(SlakhError, match=r"a\.mid: runs to .* past the warp's end"):
         warp_midi(tmp_path / "a.mid", tmp_path / "b.mid", a[:40], s[:40])
+    assert not (tmp_path / "b.mid").exists()
+
+
+def test_a_tempo_slower_than_midi_allows_is_named(tmp_path):
+    _hand_made(tmp_path / "a.mid", 220, 0.5)
+    # 50 ms of the file stretched over 99 s: a tempo slower than 24 bits of µs per quarter note
+    a, s = np.array([0.0, 1.0, 1.05, 30.0]), np.array([0.0, 1.0, 100.0, 129.0])
+    with pytest.raises(SlakhError, match=r"a\.mid: the warp holds the score still for too long at 1\.00 s \(.*a MIDI "
+                                         r"tempo cannot be slower than 16\.78 s per quarter note\)"):
+        warp_midi(tmp_path / "a.mid", tmp_path / "b.mid", a, s)
     assert not (tmp_path / "b.mid").exists()
 
 

@@ -36,6 +36,8 @@ MAX_CELLS = 2e7       # cells of the DTW cost matrix: ~20 bytes each in librosa'
 # pieces' came down to 0.62), the salience cost does not depend on a model.
 MAX_COST_RATIO = 0.8
 MAX_TEMPO_RATIO = 2.0  # the score's overall tempo may differ by this factor at most
+QUIET_DB = -50.0       # leading and trailing stretches this far below the peak are cut before aligning
+SILENT_PEAK = 1e-5     # a recording whose peak is below this is silence
 ONSET_WEIGHT = 0.5     # weight of the onset channel against the 12 (or P) pitch channels
 
 
@@ -54,6 +56,7 @@ class Alignment:
     fps: float
     feature: str
     check_ratio: float = math.nan   # the salience path's cost_ratio: what the sanity check tests
+    stretch: float = 1.0            # audio span / score span, first to last onset
 
     def to_audio(self, times: np.ndarray) -> np.ndarray:
         """Score times -> audio times (linear between path points, extended at the slope 1 outside)."""
@@ -80,12 +83,6 @@ class Alignment:
                 "check_ratio": round(self.check_ratio, 4),
                 "fps": round(self.fps, 3), "shift_s": round(float(a_first - first), 3),
                 "stretch": round(float((a_last - a_first) / (last - first)), 4) if last > first else 1.0}
-
-    @property
-    def tempo_ratio(self) -> float:
-        """Score duration per audio duration along the path (1 = same tempo)."""
-        span = float(self.audio_s[-1] - self.audio_s[0])
-        return float(self.score_s[-1] - self.score_s[0]) / span if span > 0 else math.inf
 
 
 def dtw_rate(audio_seconds: float, score_seconds: float, fps: float = FPS, max_cells: float = MAX_CELLS) -> float:
@@ -164,9 +161,10 @@ def salience_features(wave: np.ndarray, sample_rate: int, fps: float) -> np.ndar
     return np.concatenate([_normalise(semis, silent), ONSET_WEIGHT * flux[None]], axis=0)
 
 
-def dtw(audio_feat: np.ndarray, score_feat: np.ndarray, fps: float, feature: str) -> Alignment:
-    """librosa's DTW over cosine distances; the path's ends are pinned to both signals' ends
-    (the score's silence before its first note and after its last lets the path absorb an offset)."""
+def dtw(audio_feat: np.ndarray, score_feat: np.ndarray, fps: float, feature: str, audio_start_s: float = 0.0) -> Alignment:
+    """librosa's DTW over cosine distances, the path pinned to both signals' ends (the score's
+    silence before its first note and after its last lets the path absorb an offset); the
+    audio's first frame is at ``audio_start_s`` in the recording."""
     import librosa
     from scipy.spatial.distance import cdist
 
@@ -177,41 +175,81 @@ def dtw(audio_feat: np.ndarray, score_feat: np.ndarray, fps: float, feature: str
     path_cost = float(cost[path[:, 0], path[:, 1]].mean())
     ratio = path_cost / max(float(cost.mean()), 1e-12)
     # one audio time per score frame: the mean over the path's cells in that column
-    j = path[:, 1]
-    sums = np.bincount(j, weights=path[:, 0], minlength=score_feat.shape[1])
-    counts = np.bincount(j, minlength=score_feat.shape[1])
-    audio_frames = sums / np.maximum(counts, 1)
-    # DTW paths move in steps; a short running mean turns the steps into slopes, and a least
-    # slope of 0.1 keeps the map strictly increasing (a MIDI tempo cannot be infinite)
+    n = score_feat.shape[1]
+    sums = np.bincount(path[:, 1], weights=path[:, 0], minlength=n)
+    counts = np.bincount(path[:, 1], minlength=n)
+    audio_frames = np.maximum.accumulate(sums / np.maximum(counts, 1))
+    # DTW paths move in steps; a short running mean turns the steps into slopes
     k = 5
     padded = np.pad(audio_frames, (k // 2, k // 2), mode="edge")
     audio_frames = np.convolve(padded, np.ones(k) / k, mode="valid")
-    ramp = 0.1 * np.arange(len(audio_frames))
-    audio_frames = np.maximum.accumulate(audio_frames - ramp) + ramp
-    score_s = np.arange(score_feat.shape[1]) / fps
-    return Alignment(score_s=score_s, audio_s=audio_frames / fps, cost=path_cost, cost_ratio=ratio, fps=fps,
+    score_s = np.arange(n) / fps
+    return Alignment(score_s=score_s, audio_s=audio_frames / fps + audio_start_s, cost=path_cost, cost_ratio=ratio, fps=fps,
                      feature=feature)
 
 
+def _shape_map(al: Alignment, notes: np.ndarray) -> None:
+    """Outside the notes the path has nothing to follow (silence at either end of the score or the
+    recording): the map runs at slope 1 from the first onset backwards and from the last note's end
+    onwards."""
+    first, last = float(notes[:, 0].min()), float(notes[:, 1].max())
+    a_first = float(np.interp(first, al.score_s, al.audio_s))
+    audio = al.audio_s
+    a_last = float(np.interp(last, al.score_s, audio))
+    audio = np.where(al.score_s < first, a_first - (first - al.score_s), audio)
+    al.audio_s = np.where(al.score_s > last, a_last + (al.score_s - last), audio)
+    onsets = al.to_audio(np.array([first, float(notes[:, 0].max())]))
+    span = float(notes[:, 0].max()) - first
+    al.stretch = float(onsets[1] - onsets[0]) / span if span > 0 else 1.0
+
+
+def _sounding(wave: np.ndarray, sample_rate: int) -> tuple[int, int]:
+    """Sample range from the first to the last 10 ms block within QUIET_DB of the loudest block."""
+    block = max(1, sample_rate // 100)
+    n = len(wave) // block
+    if n < 2:
+        return 0, len(wave)
+    rms = np.sqrt(np.mean(wave[:n * block].reshape(n, block).astype(np.float64) ** 2, axis=1))
+    loud = np.flatnonzero(rms >= rms.max() * 10 ** (QUIET_DB / 20))
+    return int(loud[0] * block), int(min(len(wave), (loud[-1] + 1) * block))
+
+
+def check_max_cost(value: float, option: str = "--max-cost") -> float:
+    # above 1 a path worse than chance would pass: the check would be off
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= 1):
+        raise ValueError(f"{option}: need a number in (0, 1], got {value!r} (default {MAX_COST_RATIO})")
+    return float(value)
+
+
 def check_alignment(al: Alignment, what: str, max_cost_ratio: float = MAX_COST_RATIO) -> Alignment:
-    """A path that is no better than chance, or one that needs an absurd tempo, is refused."""
+    """A path little better than chance, or one that needs an absurd tempo, is refused."""
     if not al.check_ratio <= max_cost_ratio:
         raise AlignmentError(f"{what}: the score does not match the recording (alignment cost {al.check_ratio:.2f} "
-                             f"of chance, limit {max_cost_ratio}); is it the score of another piece?")
-    if not 1 / MAX_TEMPO_RATIO <= al.tempo_ratio <= MAX_TEMPO_RATIO:
-        raise AlignmentError(f"{what}: the alignment needs the score {al.tempo_ratio:.2f}x as long as the "
-                             f"recording (limit {MAX_TEMPO_RATIO}x); is the score complete, and of this piece?")
+                             f"of chance, limit {max_cost_ratio}): is it the score of another piece, or one that "
+                             f"lacks most of the parts that play? (a partial score: raise the limit with --max-cost)")
+    if not 1 / MAX_TEMPO_RATIO <= al.stretch <= MAX_TEMPO_RATIO:
+        raise AlignmentError(f"{what}: the alignment plays the score {1 / al.stretch:.2f}x as fast as written "
+                             f"(limit {MAX_TEMPO_RATIO}x either way): is the score complete, and of this piece?")
     return al
 
 
 def align_notes(notes: np.ndarray, wave: np.ndarray, sample_rate: int, feature: str = "salience",
-                transcriber=None, what: str = "score", check: bool = True) -> Alignment:
+                transcriber=None, what: str = "score", check: bool = True,
+                max_cost: float = MAX_COST_RATIO) -> Alignment:
     """Align notes (n, 3) in score time to a mono recording.
 
-    ``feature``: "salience", or "transcriptor" with ``transcriber`` a :class:`RollTranscriber`."""
+    ``feature``: "salience", or "transcriptor" with ``transcriber`` a :class:`RollTranscriber`.
+    ``max_cost``: the sanity check's limit (:data:`MAX_COST_RATIO`)."""
     notes = np.asarray(notes, dtype=np.float64).reshape(-1, 3)
     if not len(notes):
         raise AlignmentError(f"{what}: no notes to align")
+    wave = np.asarray(wave, dtype=np.float32).reshape(-1)
+    bad = np.flatnonzero(~np.isfinite(wave))
+    if len(bad):
+        raise AlignmentError(f"{what}: the recording has a non-finite sample (NaN or Inf) at "
+                             f"{bad[0] / sample_rate:.3f} s")
+    if not len(wave) or float(np.abs(wave).max()) < SILENT_PEAK:
+        raise AlignmentError(f"{what}: the recording is silent; there is nothing to align the score to")
     audio_s = len(wave) / sample_rate
     score_end = float(notes[:, 1].max())
     if score_end > MAX_TEMPO_RATIO * audio_s + 2.0:
@@ -220,6 +258,10 @@ def align_notes(notes: np.ndarray, wave: np.ndarray, sample_rate: int, feature: 
     # the score's frames run a little past its last note so a tail of silence can match
     score_s = score_end + 0.5
     fps = dtw_rate(audio_s, score_s)
+    # silence before and after the music (a pause before the first note, a fade to nothing) is
+    # cut: the path is pinned to the ends, and pinned to silence it would drag the notes with it
+    i0, i1 = _sounding(wave, sample_rate)
+    wave = wave[i0:i1]
     if feature == "salience":
         a = salience_features(wave, sample_rate, fps)
         pitch_range = SALIENCE_RANGE
@@ -231,14 +273,15 @@ def align_notes(notes: np.ndarray, wave: np.ndarray, sample_rate: int, feature: 
     else:
         raise ValueError(f"alignment feature: 'salience' or a transcriptor checkpoint, got {feature!r}")
     n_score = max(2, int(math.ceil(score_s * fps)))
-    al = dtw(a, score_features(notes, n_score, fps, feature, pitch_range), fps, feature)
+    al = dtw(a, score_features(notes, n_score, fps, feature, pitch_range), fps, feature, i0 / sample_rate)
     if feature == "salience":
         al.check_ratio = al.cost_ratio
     else:   # the sanity check's cost comes from the model-free feature (see MAX_COST_RATIO)
         sal = salience_features(wave, sample_rate, fps)
         al.check_ratio = dtw(sal, score_features(notes, n_score, fps, "salience", SALIENCE_RANGE), fps,
                              "salience").cost_ratio
-    return check_alignment(al, what) if check else al
+    _shape_map(al, notes)
+    return check_alignment(al, what, max_cost) if check else al
 
 
 class RollTranscriber:
@@ -318,16 +361,36 @@ def warp_map(al: Alignment, end: float) -> tuple[np.ndarray, np.ndarray]:
     return src, np.maximum.accumulate(dst - ramp) + ramp
 
 
+def check_out_file(out: str | Path, inputs: list, option: str = "--out") -> Path:
+    """An output file that can be written and overwrites none of the inputs: checked before any work."""
+    from wss_ray.atomic import check_out_folder
+
+    out = Path(out)
+    if not str(out).strip() or out.name in ("", ".", ".."):
+        raise ValueError(f"{option}: need a file name, got {str(out)!r}")
+    if out.is_dir():
+        raise ValueError(f"{option} {out}: is a folder; give the file to write (e.g. {out / 'aligned.mid'})")
+    for p in inputs:
+        if out.exists() and Path(p).exists() and out.resolve() == Path(p).resolve():
+            raise ValueError(f"{option} {out}: is one of the inputs; write the result to another file")
+    check_out_folder(out.parent, option)
+    return out
+
+
 def align_file(audio: str | Path, midi: str | Path, out: str | Path, checkpoint: str | None = None,
-               log=print) -> Alignment:
+               log=print, max_cost: float = MAX_COST_RATIO) -> Alignment:
     """``wss-ray align``: the MIDI file warped onto the recording, written to ``out`` (every event
     kept: notes, controls, programs, velocities)."""
     from wss_ray.audio_io import open_audio, read_finite
     from wss_ray.data.warp import midi_span, warp_midi
 
     for p, what in ((audio, "audio file"), (midi, "MIDI file")):
+        if Path(p).is_dir():
+            raise ValueError(f"{p}: is a folder, not a {what}")
         if not Path(p).is_file():
             raise FileNotFoundError(f"{p}: no such {what}")
+    check_max_cost(max_cost)
+    out = check_out_file(out, [audio, midi])
     reader = open_audio(audio)
     try:
         wave = read_finite(reader, 0, reader.frames)
@@ -337,12 +400,12 @@ def align_file(audio: str | Path, midi: str | Path, out: str | Path, checkpoint:
     notes = midi_notes(midi)
     transcriber = RollTranscriber.load(checkpoint) if checkpoint else None
     al = align_notes(notes, wave, sr, "transcriptor" if transcriber else "salience", transcriber,
-                     what=f"{midi} vs {audio}")
+                     what=f"{midi} vs {audio}", max_cost=max_cost)
     # the MIDI's events keep their ticks; only its tempo map is rewritten (pretty_midi's adjust_times
     # would snap notes to the tick grid and drop controls)
     warp_midi(midi, out, *warp_map(al, midi_span(midi)[1]))
     s = al.summary(notes)
     log(f"[align] {midi} -> {out}: first note moved {s['shift_s']:+.2f} s, the score stretched x{s['stretch']:.3f}; "
-        f"cost {s['check_ratio']:.2f} of chance (limit {MAX_COST_RATIO}; aligned by {al.feature}, "
+        f"cost {s['check_ratio']:.2f} of chance (limit {max_cost}; aligned by {al.feature}, "
         f"{al.fps:.1f} frames/s)")
     return al

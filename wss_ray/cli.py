@@ -145,14 +145,14 @@ def _cmd_separate(a) -> int:
     check_chunk_seconds(a.chunk_seconds, "--chunk-seconds")  # before the checkpoint loads
 
     separate_files(a.audio, a.checkpoint, a.out, midi=a.midi, device=a.device, chunk_seconds=a.chunk_seconds,
-                   score=a.score)
+                   score=a.score, max_cost=a.max_cost)
     return 0
 
 
 def _cmd_align(a) -> int:
     from wss_ray.align import align_file
 
-    align_file(a.audio, a.midi, a.out, checkpoint=a.checkpoint)
+    align_file(a.audio, a.midi, a.out, checkpoint=a.checkpoint, max_cost=a.max_cost)
     return 0
 
 
@@ -190,11 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("warp", help="copy a corpus with its MIDI time-warped (offset, tempo, smooth drift) and "
                                      "the exact warp in each track's warp.json, to measure alignment against")
     p.add_argument("--in", dest="src", metavar="CORPUS", required=True, help="Slakh-layout corpus to copy")
-    p.add_argument("--out", required=True, help="corpus folder to create, same layout (audio hard-linked if possible)")
-    p.add_argument("--seed", type=int, required=True, help="random seed; each track's warp follows from it and its name")
-    p.add_argument("--max-offset", type=float, default=1.0, help="score start off by up to this, seconds (default 1)")
-    p.add_argument("--max-tempo", type=float, default=0.10, help="score tempo off by up to this fraction (default 0.10)")
-    p.add_argument("--drift", type=float, default=0.25, help="smooth local drift up to this, seconds (default 0.25)")
+    p.add_argument("--out", required=True, help="corpus folder to create, same layout (audio hard-linked if possible); "
+                                                "tracks already in it are kept when they were made with the same "
+                                                "--seed and bounds, and the run is refused when not")
+    p.add_argument("--seed", type=int, required=True,
+                   help="random seed, 0 or more; each track's warp follows from it and its name")
+    p.add_argument("--max-offset", type=float, default=1.0,
+                   help="score start off by up to this many seconds, 0..10 (default 1)")
+    p.add_argument("--max-tempo", type=float, default=0.10,
+                   help="score tempo off by up to this fraction, 0 or more and below 0.5 (default 0.10)")
+    p.add_argument("--drift", type=float, default=0.25,
+                   help="smooth local drift up to this many seconds, 0..0.5 (default 0.25)")
     p.set_defaults(func=_cmd_warp)
 
     p = data.add_parser("featurize", help="tracks -> Parquet chunks with score features (Ray Data)")
@@ -293,15 +299,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score", metavar="MIDI",
                    help="the song's score (one input file): aligned to the recording, then each instrument keeps "
                         "only what is near the harmonics of its notes; an instrument the score lacks is silent")
+    p.add_argument("--max-cost", type=float, default=None, metavar="X",
+                   help="with --score: the alignment check's limit, in (0, 1] (default 0.8); raise it for a score "
+                        "with only some of the parts that play")
     p.set_defaults(func=_cmd_separate)
 
     p = sub.add_parser("align", help="align a MIDI file to a recording (DTW): the score's notes, tempo and "
                                      "controls moved onto the recording's time line")
     p.add_argument("audio", help="the recording (wav, flac, ogg, ...)")
     p.add_argument("midi", help="its score as a MIDI file (any tempo, offset, expressive timing)")
-    p.add_argument("--out", required=True, help="the aligned MIDI file to write")
+    p.add_argument("--out", required=True, help="the aligned MIDI file to write (replaced if it exists; never "
+                                                "one of the inputs)")
     p.add_argument("--checkpoint", help="align with this checkpoint's transcriptor (transcriptor, separator or "
                                         "finetune stage); default: a score-free spectral feature")
+    p.add_argument("--max-cost", type=float, default=0.8, metavar="X",
+                   help="refuse an alignment whose cost is above this share of chance, in (0, 1] (default 0.8): "
+                        "a score of another piece, or over twice as long or short, is refused; raise it for a "
+                        "score with only some of the parts that play")
     p.set_defaults(func=_cmd_align)
     return parser
 

@@ -3,7 +3,9 @@ instrument's mask to the harmonics of its notes (``wss-ray separate --score``).
 
 The score's MIDI tracks are assigned to the target instruments by their General MIDI family
 (pretty_midi's instrument class: every piano program to ``piano``, every guitar to ``guitar``,
-every bass to ``bass``; drums and other families are left out). An instrument with no notes in the
+every bass to ``bass``; drums and other families are left out). That is broader than the
+programs the model was trained on (distorted guitars 29-30, electric basses 33-37): a score
+written for an acoustic guitar still names the part the user calls the guitar. An instrument with no notes in the
 score comes out silent.
 """
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wss_ray.align import Alignment, AlignmentError, RollTranscriber, align_notes
+from wss_ray.align import MAX_COST_RATIO, Alignment, AlignmentError, RollTranscriber, align_notes
 from wss_ray.config import INSTRUMENT_CLASSES
 from wss_ray.data.score import ScoreError, notes_to_roll
 
@@ -51,6 +53,8 @@ def score_notes(midi: str | Path, instruments: list[str]) -> tuple[list[np.ndarr
     """Per target instrument, the notes of the MIDI tracks of its family; and the tracks left out."""
     import pretty_midi
 
+    if Path(midi).is_dir():
+        raise ValueError(f"{midi}: is a folder, not a MIDI file")
     if not Path(midi).is_file():
         raise FileNotFoundError(f"{midi}: no such MIDI file")
     try:
@@ -65,7 +69,7 @@ def score_notes(midi: str | Path, instruments: list[str]) -> tuple[list[np.ndarr
         k = family.get(cls)
         if k is None:
             if inst.notes:
-                left_out.append(f"{inst.name or cls} ({cls}, program {inst.program})")
+                left_out.append(f"{cls.lower()} (program {inst.program}{', ' + repr(inst.name) if inst.name else ''})")
             continue
         notes[k] += [(n.start, n.end, n.pitch) for n in inst.notes]
     arrays = [np.asarray(sorted(n), dtype=np.float64).reshape(-1, 3) for n in notes]
@@ -76,14 +80,14 @@ def score_notes(midi: str | Path, instruments: list[str]) -> tuple[list[np.ndarr
 
 
 def guide_for(midi: str | Path, wave: np.ndarray, sample_rate: int, instruments: list[str],
-              transcriber: RollTranscriber | None = None, what: str = "") -> ScoreGuide:
+              transcriber: RollTranscriber | None = None, what: str = "", max_cost: float = MAX_COST_RATIO) -> ScoreGuide:
     """Read a score, align it to the recording (the transcriptor's roll when there is one, else
     the score-free salience feature) and return it on the recording's time line. A score of
     another piece fails the alignment's cost test (:class:`AlignmentError`)."""
     notes, left_out = score_notes(midi, instruments)
     everything = np.concatenate([n for n in notes if len(n)])
     al = align_notes(everything, wave, sample_rate, "transcriptor" if transcriber else "salience", transcriber,
-                     what=what or str(midi))
+                     what=what or str(midi), max_cost=max_cost)
     return ScoreGuide(instruments, [al.warp_notes(n) for n in notes], al, left_out)
 
 

@@ -127,11 +127,13 @@ class Separator:
         return RollTranscriber(self.transcriptor, self.sample_rate, self.n_fft, self.hop, self.pitch_min,
                                self.pitch_max, name=self.system)
 
-    def guide(self, score: str | Path, waveform: np.ndarray, sample_rate: int, what: str = ""):
+    def guide(self, score: str | Path, waveform: np.ndarray, sample_rate: int, what: str = "", max_cost=None):
         """A score of this recording, aligned to it (:func:`wss_ray.score_informed.guide_for`)."""
+        from wss_ray.align import MAX_COST_RATIO
         from wss_ray.score_informed import guide_for
 
-        return guide_for(score, waveform, sample_rate, self.instruments, self.aligner(), what=what)
+        return guide_for(score, waveform, sample_rate, self.instruments, self.aligner(), what=what,
+                         max_cost=max_cost or MAX_COST_RATIO)
 
     def _need_transcriptor(self) -> None:
         if self.transcriptor is None:
@@ -178,15 +180,16 @@ class Separator:
                 yield start, est, read(start, est.shape[1])
 
     def separate(self, waveform: torch.Tensor | np.ndarray, sample_rate: int, chunk_seconds: float = 10.0,
-                 progress=None, score: str | Path | None = None) -> dict[str, torch.Tensor]:
+                 progress=None, score: str | Path | None = None, max_cost: float | None = None) -> dict[str, torch.Tensor]:
         """Mono waveform (L,) at any rate -> {instrument: (L,)} at the same rate, plus "residual"
         (mixture minus the estimates, so everything sums back to the input).
 
         ``score``: a MIDI file of this recording (any tempo or offset): aligned to it, then each
         instrument keeps only what lies near the harmonics of its notes; an instrument the score
-        does not have is silent. A score of another piece raises an AlignmentError."""
+        does not have is silent. A score of another piece raises an AlignmentError (``max_cost``:
+        the alignment check's limit, for a partial score)."""
         wave = mono_waveform(waveform)
-        guide = self.guide(score, wave, sample_rate) if score is not None else None
+        guide = self.guide(score, wave, sample_rate, max_cost=max_cost) if score is not None else None
         blocks = list(self.stream(ArrayReader(wave, sample_rate), chunk_seconds, progress=progress, guide=guide))
         est = torch.cat([b for _, b, _ in blocks], dim=1) if blocks else torch.zeros(len(self.instruments), 0)
         out = {name: est[i] for i, name in enumerate(self.instruments)}
@@ -208,15 +211,22 @@ class Separator:
 
 
 def separate_files(paths: list[str], checkpoint: str | None, out: str, midi: bool = False, device: str = "cpu",
-                   chunk_seconds: float = 10.0, log=print, progress_stream=None, score: str | None = None) -> list[Path]:
+                   chunk_seconds: float = 10.0, log=print, progress_stream=None, score: str | None = None,
+                   max_cost: float | None = None) -> list[Path]:
     """Separate each file into <out>/<file stem>/{instrument}.wav + residual.wav (+ transcription.mid),
     at the input's sample rate and length. Files appear only when complete (temp name, then rename).
 
     ``score``: the MIDI score of the (one) input: score-informed separation (:meth:`Separator.separate`)."""
     if score is not None and len(paths) != 1:
         raise ValueError(f"--score: one audio file at a time (a score belongs to one recording), got {len(paths)}")
+    if score is not None and Path(score).is_dir():
+        raise ValueError(f"{score}: is a folder, not a MIDI file")
     if score is not None and not Path(score).is_file():
         raise FileNotFoundError(f"{score}: no such MIDI file")
+    if max_cost is not None:
+        from wss_ray.align import check_max_cost
+
+        check_max_cost(max_cost)
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         what = "a directory, not an audio file" if Path(missing[0]).is_dir() else "no such audio file"
@@ -244,7 +254,8 @@ def separate_files(paths: list[str], checkpoint: str | None, out: str, midi: boo
         guide = None
         if score is not None:
             try:   # the whole recording once, to align the score to it (before any output exists)
-                guide = sep.guide(score, read_finite(reader, 0, reader.frames), sr, what=f"{score} vs {path}")
+                guide = sep.guide(score, read_finite(reader, 0, reader.frames), sr, what=f"{score} vs {path}",
+                                  max_cost=max_cost)
             except BaseException:
                 reader.close()
                 raise

@@ -29,7 +29,8 @@ def load_notes(path: str | Path, require_notes: bool = True) -> np.ndarray:
         raise ScoreError(f"{path}: unreadable MIDI file ({type(e).__name__}: {e})") from e
     notes = [(n.start, n.end, n.pitch) for inst in midi.instruments if not inst.is_drum for n in inst.notes]
     if not notes and require_notes:
-        raise ScoreError(f"{path}: MIDI file has no notes")
+        raise ScoreError(f"{path}: MIDI file has no pitched notes" + (" (only drums)" if any(
+            i.notes for i in midi.instruments) else ""))
     return np.asarray(notes, dtype=np.float64).reshape(-1, 3)
 
 

@@ -225,7 +225,12 @@ def warp_midi(src_path: str | Path, dst_path: str | Path, audio_s, score_s) -> i
         now = us * lead / (res * 1e6)
     for a, b, target in zip(bounds[:-1], bounds[1:], targets[1:]):
         # error feedback: each tempo is rounded to a whole µs, the next one absorbs the rest
-        us = min(max(round(float(target - now) * 1e6 * res / float(b - a)), 1), MAX_TEMPO_US)
+        us = max(round(float(target - now) * 1e6 * res / float(b - a)), 1)
+        if us > MAX_TEMPO_US:
+            raise SlakhError(
+                f"{src_path}: the warp holds the score still for too long at {float(old.seconds(a)):.2f} s "
+                f"({(b - a) / res:.3g} quarter notes would last {float(target - now):.2f} s; a MIDI tempo cannot be "
+                f"slower than {MAX_TEMPO_US / 1e6:.2f} s per quarter note); the map must advance faster there")
         tempo_events.append((int(a - k0 + lead), us))
         now += us * (b - a) / (res * 1e6)
     if not tempo_events:   # a file of one tick: keep its tempo
@@ -302,11 +307,12 @@ def _audio_seconds(path: Path) -> float:
 
 
 def warp_track(track_dir: str | Path, out_track_dir: str | Path, seed: int, max_offset: float = 1.0,
-               max_tempo: float = 0.10, drift: float = 0.25) -> dict:
+               max_tempo: float = 0.10, drift: float = 0.25, corpus_seed: int | None = None) -> dict:
     """Copy one track folder to ``out_track_dir``: audio and metadata unchanged (hard-linked when
     possible), every MIDI file (``MIDI/*.mid``, ``all_src.mid``, any other) warped with the same
     map, and that map written to ``warp.json``. The map covers the longest audio file and the
-    longest MIDI file; its offset is raised where needed so that no note lands before 0 s."""
+    longest MIDI file; its offset is raised where needed so that no note lands before 0 s.
+    ``corpus_seed`` (the seed ``seed`` was derived from, :func:`track_seed`) is recorded too."""
     track, out = Path(track_dir), Path(out_track_dir)
     files = sorted(p for p in track.rglob("*") if p.is_file() and not p.name.startswith("."))
     midis = [p for p in files if p.suffix.lower() in MIDI_EXTS]
@@ -337,7 +343,8 @@ def warp_track(track_dir: str | Path, out_track_dir: str | Path, seed: int, max_
             warp_midi(p, dst, audio_s, score_s)
         else:
             _link_or_copy(p, dst)
-    record = {"version": 1, "seed": int(seed), "offset_s": round(params["offset"] + shift, 6),
+    record = {"version": 1, **({"corpus_seed": int(corpus_seed)} if corpus_seed is not None else {}),
+              "seed": int(seed), "offset_s": round(params["offset"] + shift, 6),
               "tempo_ratio": round(params["rate"], 6), "drift_s": round(float(params["amps"].sum()), 6),
               "bounds": {"max_offset": max_offset, "max_tempo": max_tempo, "drift": drift},
               "audio_s": audio_s.tolist(), "score_s": score_s.tolist()}
@@ -351,11 +358,69 @@ def track_seed(seed: int, name: str) -> int:
     return int(seed) * 2**32 + zlib.crc32(name.encode())
 
 
+def _made_with(dst: Path) -> dict:
+    """The corpus seed, track seed and bounds that made the warped track ``dst``, from its warp.json."""
+    path = dst / WARP_FILE
+    try:
+        rec = json.loads(path.read_text())
+        bounds = rec["bounds"]
+        made = {"--seed": rec.get("corpus_seed"), "track seed": int(rec["seed"]),
+                "--max-offset": float(bounds["max_offset"]), "--max-tempo": float(bounds["max_tempo"]),
+                "--drift": float(bounds["drift"])}
+    except FileNotFoundError:
+        raise SlakhError(f"{dst}: already in --out but has no {WARP_FILE}, so what made it is unknown; "
+                         f"use another --out or delete {dst}") from None
+    except (OSError, KeyError, TypeError, ValueError) as e:   # ValueError: bad JSON or UTF-8, a non-number
+        raise SlakhError(f"{path}: unreadable ({type(e).__name__}: {e}), so what made {dst} is unknown; "
+                         f"use another --out or delete {dst}") from e
+    if made["--seed"] is None:   # recorded before corpus_seed was: track_seed() puts it in the high bits
+        made["--seed"] = made["track seed"] >> 32
+    return made
+
+
+def _options(values: dict, keys: list[str]) -> str:
+    return " ".join(f"{k} {values[k]:g}" if isinstance(values[k], float) else f"{k} {values[k]}" for k in keys)
+
+
+def _check_existing(dsts: list[Path], seed: int, bounds: dict) -> None:
+    """Refuse when a track already in --out was made with another seed or other bounds: keeping it
+    would mix two warps under one summary."""
+    differ = []
+    for dst in dsts:
+        if not dst.exists():
+            continue
+        if not dst.is_dir():
+            raise ValueError(f"{dst}: exists and is not a folder; use another --out or delete it")
+        made = _made_with(dst)
+        want = {"--seed": seed, "track seed": track_seed(seed, dst.name), **bounds}
+        keys = [k for k in want if made[k] != want[k]]
+        if "--seed" in keys and "track seed" in keys:   # the track seed follows from the corpus seed
+            keys.remove("track seed")
+        if keys:
+            differ.append((dst, keys, made, want))
+    if differ:
+        dst, keys, made, want = differ[0]
+        others = f" ({len(differ)} tracks of --out differ)" if len(differ) > 1 else ""
+        raise ValueError(f"{dst / WARP_FILE}: made with {_options(made, keys)}, this run asks for "
+                         f"{_options(want, keys)}{others}; "
+                         f"use another --out or delete {'them' if others else dst}")
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for d in sorted(folders, key=lambda p: len(p.parts), reverse=True):   # deepest first
+        try:
+            d.rmdir()   # only when empty
+        except OSError:
+            pass
+
+
 def warp_corpus(src: str | Path, out: str | Path, seed: int, max_offset: float = 1.0, max_tempo: float = 0.10,
                 drift: float = 0.25, log: Callable[[str], None] = print) -> int:
     """``wss-ray data warp``: every track of ``src`` warped into ``out`` at the same relative path
     (a split folder given directly keeps its name: ``slakh/test`` -> ``out/test``). Tracks already
-    in ``out`` are kept; each track appears whole or not at all. Returns the tracks written."""
+    in ``out`` are kept when made with the same seed and bounds (refused otherwise); each track
+    appears whole or not at all. A track that fails is named in the log and the others go on;
+    then :class:`SlakhError` names how many failed. Returns the tracks written."""
     check_bounds(max_offset, max_tempo, drift)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"--seed: need a non-negative integer, got {seed}")
@@ -365,26 +430,53 @@ def warp_corpus(src: str | Path, out: str | Path, seed: int, max_offset: float =
     s, o = src.resolve(), out.resolve()
     if o == s or o.is_relative_to(s) or s.is_relative_to(o):
         raise ValueError(f"--out {out}: overlaps --in {src}; the warped copy needs a folder of its own")
+    # everything that can be refused is refused before the first folder is made
+    warped = next((t for _, t in tracks if (t / WARP_FILE).exists()), None)
+    if warped is not None:
+        # its MIDI is in score time already: a second warp would be recorded without the first
+        raise SlakhError(f"{warped / WARP_FILE}: the track is a warped copy; warp the original corpus")
+    pairs = []
+    for _, track in tracks:
+        rel = track.relative_to(src)
+        if src.name in SPLITS and len(rel.parts) == 1:
+            rel = Path(src.name) / rel
+        pairs.append((track, out / rel))
+    bounds = {"--max-offset": float(max_offset), "--max-tempo": float(max_tempo), "--drift": float(drift)}
+    _check_existing([dst for _, dst in pairs], seed, bounds)
+    # the folders this call may create, so that those left empty by failures can be removed
+    created = {p for _, dst in pairs for p in [dst.parent, *dst.parent.parents] if not p.exists()}
+
     n = len(tracks)
     log(f"[warp] {n} tracks of {src} -> {out}, seed {seed}")
     every = max(1, math.ceil(n / 10))   # about ten progress lines whatever the corpus size
     written = kept = 0
-    for i, (_, track) in enumerate(tracks, 1):
-        rel = track.relative_to(src)
-        if src.name in SPLITS and len(rel.parts) == 1:
-            rel = Path(src.name) / rel
-        dst = out / rel
-        if dst.is_dir():
-            kept += 1
-        else:
-            with atomic_path(dst, directory=True, replace=False) as tmp:
-                warp_track(track, tmp, track_seed(seed, track.name), max_offset, max_tempo, drift)
-            written += 1
-        if i % every == 0 or i == n:
-            log(f"[warp] {i}/{n} tracks ({kept} kept from an earlier run)")
-    log(f"[warp] {written} tracks warped, {kept} kept -> {out}: offset within ±{max_offset:g} s (raised where a "
-        f"note would start before 0 s), tempo within ±{max_tempo:.0%}, drift up to {drift:g} s; "
-        f"the exact map of each track is in its {WARP_FILE}")
+    failed: list[str] = []
+    try:
+        for i, (track, dst) in enumerate(pairs, 1):
+            name = dst.relative_to(out)
+            if dst.is_dir():
+                kept += 1
+            else:
+                try:
+                    with atomic_path(dst, directory=True, replace=False) as tmp:
+                        warp_track(track, tmp, track_seed(seed, track.name), max_offset, max_tempo, drift,
+                                   corpus_seed=seed)
+                    written += 1
+                except Exception as e:  # a bad file: named in the log and at the end, the other tracks go on
+                    reason = str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
+                    reason = (reason.splitlines() or [type(e).__name__])[0]
+                    failed.append(f"{name}: {reason}")
+                    log(f"[warp] FAILED {failed[-1]}")
+            if i % every == 0 or i == n:
+                log(f"[warp] {i}/{n} tracks ({kept} kept from an earlier run, {len(failed)} failed)")
+    finally:
+        _remove_empty(list(created))
+    log(f"[warp] {written} tracks warped, {kept} kept, {len(failed)} failed -> {out}: offset within "
+        f"±{max_offset:g} s (raised where a note would start before 0 s), tempo within ±{max_tempo:.0%}, "
+        f"drift up to {drift:g} s; the exact map of each track is in its {WARP_FILE}")
+    if failed:
+        rest = f"the {written + kept} others are in {out}, and a rerun keeps them" if written + kept else "none written"
+        raise SlakhError(f"{len(failed)} of {n} tracks failed (the first: {failed[0]}); {rest}")
     return written
 
 

@@ -270,7 +270,7 @@ def featurize(slakh: str | Path, out: str | Path, cfg: DataConfig, ray_cfg: RayC
         mappings.update(done_now)
         if align and alignments:
             costs = np.array([a["check_ratio"] for a in alignments.values()])
-            log(f"[featurize] scores aligned ({Path(align).name if align != 'salience' else align}): cost "
+            log(f"[featurize] scores aligned ({align if align == 'salience' else 'transcriptor of ' + align}): cost "
                 f"{np.median(costs):.2f} of chance (median; worst {costs.max():.2f}); per track: {REPORT}")
     wall = time.time() - t0
     report = {"bad_tracks": errors, "tracks": dict(sorted(mappings.items()))}

@@ -95,18 +95,24 @@ def long_song(corpus: str, split: str, minutes: float) -> None:
 
     track = [t for s, t in list_tracks(corpus) if s == split][0]
     wave, sr = read_audio(track / "mix.flac")
-    notes = load_notes(track / "all_src.mid")
-    reps = int(np.ceil(minutes * 60 / (len(wave) / sr)))
+    notes = load_notes(track / "all_src.mid")                      # warped: score time
+    truth = score_to_audio(notes[:, 0], *load_warp(track))         # where each note sounds
     length = len(wave) / sr
+    period = float(notes[:, 1].max()) + 0.5                          # the score repeats after its last note
+    reps = int(np.ceil(minutes * 60 / length))
     long_wave = np.tile(wave, reps)
-    long_notes = np.concatenate([notes + np.array([r * length, r * length, 0.0]) for r in range(reps)])
+    long_notes = np.concatenate([notes + np.array([r * period, r * period, 0.0]) for r in range(reps)])
+    long_truth = np.concatenate([truth + r * length for r in range(reps)])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     al = align_notes(long_notes, long_wave, sr, "salience", check=False)
     took = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"{len(long_wave) / sr / 60:.1f} min of audio, {len(long_notes)} notes: aligned in {took:.1f} s at "
-          f"{al.fps:.2f} frames/s; peak RSS {peak:.0f} MB (before aligning {before:.0f} MB)")
+    err = np.abs(al.to_audio(long_notes[:, 0]) - long_truth) * 1000
+    last = err[-len(notes):]
+    print(f"{len(long_wave) / sr / 60:.1f} min of audio at {sr} Hz, {len(long_notes)} notes: aligned in {took:.1f} s "
+          f"at {al.fps:.2f} frames/s; onset error mean {err.mean():.0f} ms, median {np.median(err):.0f} ms "
+          f"(last repeat: median {np.median(last):.0f} ms); peak RSS {peak:.0f} MB (before aligning {before:.0f} MB)")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import soundfile as sf
 import torch
 
 from wss_ray.align import MAX_CELLS, MAX_COST_RATIO, AlignmentError, align_notes, dtw_rate
+from wss_ray.checkpoint import default_checkpoint
 from wss_ray.cli import main
 from wss_ray.data.contract import shard_paths
 from wss_ray.data.featurize import featurize
@@ -123,6 +124,13 @@ def test_bad_scores_get_one_line(warped, tmp_path, capsys):
     assert not (tmp_path / "o.mid").exists() and not (tmp_path / "sep").exists()
 
 
+def test_the_cli_states_the_real_default_limit():
+    import wss_ray.align
+    import wss_ray.cli
+
+    assert wss_ray.cli.MAX_COST_RATIO == wss_ray.align.MAX_COST_RATIO
+
+
 def test_dtw_memory_is_bounded_for_long_songs():
     for seconds in (10, 90, 600, 3600):
         fps = dtw_rate(seconds, seconds * 1.1)
@@ -159,6 +167,17 @@ def test_featurize_align_rebuilds_the_exact_rolls(corpus, warped, tmp_path, data
     # frame-level agreement with the exact score's rolls (16 ms frames)
     assert np.mean(scores["aligned"]) > 0.75, scores
     assert np.mean(scores["aligned"]) > np.mean(scores["given"]) + 0.2, scores
+    # evaluate --score-informed: a "+score" row per checkpoint, finite, beside the plain one
+    from wss_ray.evaluate import evaluate
+
+    rows = evaluate([str(default_checkpoint())], tmp_path / "exact", tmp_path / "eval", split="test",
+                    log=lambda line: None, score_informed=True)
+    systems = {r["system"] for r in rows}
+    plain = next(s for s in systems if s not in ("mixture", "oracle_irm") and not s.endswith("+score"))
+    assert f"{plain}+score" in systems
+    by = {(r["system"], r["instrument"]): r["si_sdr_mean"] for r in rows}
+    scored = [i for (sys_, i), v in by.items() if sys_ == plain and np.isfinite(v)]
+    assert scored and all(np.isfinite(by[(f"{plain}+score", i)]) for i in scored)
     # a resumed run must use the same alignment
     with pytest.raises(ValueError, match="score alignment"):
         featurize(warped, tmp_path / "aligned", data_cfg, log=lambda line: None, engine="local")
@@ -174,6 +193,7 @@ def test_featurize_align_names_and_skips_a_track_that_fails(warped, tmp_path, da
         mid.unlink()
     shutil.copytree(tracks[1] / "MIDI", tracks[0] / "MIDI", dirs_exist_ok=True)
     shutil.copy(tracks[1] / "metadata.yaml", tracks[0] / "metadata.yaml")
+    shutil.copy(tracks[1] / "all_src.mid", tracks[0] / "all_src.mid")
     shutil.rmtree(tracks[0] / "stems")
     shutil.copytree(tracks[1] / "stems", tracks[0] / "stems")
     m = featurize(bad, tmp_path / "feat", data_cfg.model_copy(update={"mix": "mix_file"}), log=lambda line: None,

@@ -77,12 +77,11 @@ class Alignment:
     def summary(self, notes: np.ndarray) -> dict:
         """Cost, and where the score's first note moved and how its span (first to last onset)
         was stretched, for reports."""
-        first, last = float(notes[:, 0].min()), float(notes[:, 0].max())
-        a_first, a_last = self.to_audio(np.array([first, last]))
+        first = float(notes[:, 0].min())
         return {"feature": self.feature, "cost": round(self.cost, 4), "cost_ratio": round(self.cost_ratio, 4),
-                "check_ratio": round(self.check_ratio, 4),
-                "fps": round(self.fps, 3), "shift_s": round(float(a_first - first), 3),
-                "stretch": round(float((a_last - a_first) / (last - first)), 4) if last > first else 1.0}
+                "check_ratio": round(self.check_ratio, 4), "fps": round(self.fps, 3),
+                "shift_s": round(float(self.to_audio(np.array([first]))[0] - first), 3),
+                "stretch": round(self.stretch, 4)}
 
 
 def dtw_rate(audio_seconds: float, score_seconds: float, fps: float = FPS, max_cells: float = MAX_CELLS) -> float:
@@ -105,24 +104,26 @@ def _onset_channel(x: np.ndarray) -> np.ndarray:
     return rise / max(float(rise.max()), 1e-12)
 
 
-def score_roll(notes: np.ndarray, n_frames: int, fps: float, pitch_min: int = 0, pitch_max: int = 127) -> np.ndarray:
-    """(P, n_frames) float roll of notes at ``fps`` (a frame is on while a note sounds)."""
-    # notes_to_roll works on a (sample_rate, hop) grid; a rate of fps*1000 with a hop of 1000 is fps
-    return notes_to_roll(notes, n_frames, int(round(fps * 1000)), 1000, pitch_min, pitch_max).astype(np.float64)
+def score_roll(notes: np.ndarray, n_frames: int, sample_rate: int, hop: int, pitch_min: int = 0,
+               pitch_max: int = 127) -> np.ndarray:
+    """(P, n_frames) float roll of notes on the recording's frame grid (frame i at i * hop / sample_rate)."""
+    return notes_to_roll(notes, n_frames, sample_rate, hop, pitch_min, pitch_max).astype(np.float64)
 
 
-def score_features(notes: np.ndarray, n_frames: int, fps: float, feature: str, pitch_range=(0, 127)) -> np.ndarray:
-    roll = score_roll(notes, n_frames, fps, *pitch_range)
+def score_features(notes: np.ndarray, n_frames: int, sample_rate: int, hop: int, feature: str,
+                   pitch_range=(0, 127)) -> np.ndarray:
+    roll = score_roll(notes, n_frames, sample_rate, hop, *pitch_range)
     silent = roll.sum(axis=0) == 0
     # the score-free feature compares spectra: each note becomes its harmonic series
     body = _harmonic_template(*pitch_range).T @ roll if feature == "salience" else roll
-    onsets = notes_onsets(notes, n_frames, fps)
+    onsets = notes_onsets(notes, n_frames, sample_rate / hop)
     return np.concatenate([_normalise(body, silent), ONSET_WEIGHT * onsets[None]], axis=0)
 
 
 def notes_onsets(notes: np.ndarray, n_frames: int, fps: float) -> np.ndarray:
-    """Number of note onsets per frame, scaled to max 1."""
-    idx = np.clip(np.round(np.asarray(notes)[:, 0] * fps).astype(int), 0, n_frames - 1) if len(notes) else []
+    """Number of note onsets per frame, scaled to max 1 (a note counts in the first frame it is
+    on in the roll: :func:`wss_ray.data.score.notes_to_roll`'s convention)."""
+    idx = np.clip(np.ceil(np.asarray(notes)[:, 0] * fps - 1e-9).astype(int), 0, n_frames - 1) if len(notes) else []
     count = np.bincount(np.asarray(idx, dtype=int), minlength=n_frames)[:n_frames].astype(np.float64)
     return count / max(float(count.max()), 1.0)
 
@@ -142,20 +143,30 @@ def _harmonic_template(pitch_min: int, pitch_max: int, n_harmonics: int = 8) -> 
 SALIENCE_RANGE = (24, 108)   # semitones C1..C8: the pitch range of the salience feature
 
 
-def salience_features(wave: np.ndarray, sample_rate: int, fps: float) -> np.ndarray:
+def salience_features(wave: np.ndarray, sample_rate: int, hop: int) -> np.ndarray:
     """(P + 2, N): the recording's STFT magnitude pooled onto semitones (the project's
-    log-frequency filterbank), log-compressed, plus silence and onset strength."""
+    log-frequency filterbank), log-compressed, plus silence and onset strength; frame i is
+    centred on sample i * hop. The STFT runs block by block (librosa's, uncentred, on a zero-padded
+    copy: what a centred STFT computes), so memory does not grow with the song's spectrogram."""
     import librosa
 
     from wss_ray.dsp import log_frequency_filterbank
 
-    hop = max(1, int(round(sample_rate / fps)))
     n_fft = 1 << max(12, math.ceil(math.log2(2 * hop)))   # >= 4096: semitones apart at low pitch
-    spec = np.abs(librosa.stft(np.asarray(wave, dtype=np.float32), n_fft=n_fft, hop_length=hop, center=True))
     fb = log_frequency_filterbank(sample_rate, n_fft, SALIENCE_RANGE[0], SALIENCE_RANGE[1], 1).numpy()
-    semis = fb[:SALIENCE_RANGE[1] - SALIENCE_RANGE[0] + 1] @ spec
+    fb = fb[:SALIENCE_RANGE[1] - SALIENCE_RANGE[0] + 1]
+    x = np.pad(np.asarray(wave, dtype=np.float32), (n_fft // 2, n_fft // 2))
+    n_frames = 1 + len(wave) // hop
+    semis = np.empty((fb.shape[0], n_frames))
+    energy = np.empty(n_frames)
+    per_block = max(1, (1 << 22) // n_fft)   # ~4M spectrum values (~16 MB) at a time
+    for f0 in range(0, n_frames, per_block):
+        f1 = min(n_frames, f0 + per_block)
+        seg = x[f0 * hop:(f1 - 1) * hop + n_fft]
+        spec = np.abs(librosa.stft(seg, n_fft=n_fft, hop_length=hop, center=False))[:, :f1 - f0]
+        semis[:, f0:f1] = fb @ spec
+        energy[f0:f1] = (spec.astype(np.float64) ** 2).sum(axis=0)
     semis = np.log1p(3 * semis / max(float(semis.max()), 1e-20))
-    energy = (spec ** 2).sum(axis=0)
     silent = energy < 1e-6 * max(float(energy.max()), 1e-20)
     flux = _onset_channel(semis)
     return np.concatenate([_normalise(semis, silent), ONSET_WEIGHT * flux[None]], axis=0)
@@ -257,13 +268,15 @@ def align_notes(notes: np.ndarray, wave: np.ndarray, sample_rate: int, feature: 
                              f"more than {MAX_TEMPO_RATIO}x apart, so it cannot be this recording's score")
     # the score's frames run a little past its last note so a tail of silence can match
     score_s = score_end + 0.5
-    fps = dtw_rate(audio_s, score_s)
+    # one frame grid for recording and score: a whole number of samples per frame
+    hop = max(1, int(round(sample_rate / dtw_rate(audio_s, score_s))))
+    fps = sample_rate / hop
     # silence before and after the music (a pause before the first note, a fade to nothing) is
     # cut: the path is pinned to the ends, and pinned to silence it would drag the notes with it
     i0, i1 = _sounding(wave, sample_rate)
     wave = wave[i0:i1]
     if feature == "salience":
-        a = salience_features(wave, sample_rate, fps)
+        a = salience_features(wave, sample_rate, hop)
         pitch_range = SALIENCE_RANGE
     elif feature == "transcriptor":
         if transcriber is None:
@@ -273,13 +286,14 @@ def align_notes(notes: np.ndarray, wave: np.ndarray, sample_rate: int, feature: 
     else:
         raise ValueError(f"alignment feature: 'salience' or a transcriptor checkpoint, got {feature!r}")
     n_score = max(2, int(math.ceil(score_s * fps)))
-    al = dtw(a, score_features(notes, n_score, fps, feature, pitch_range), fps, feature, i0 / sample_rate)
+    al = dtw(a, score_features(notes, n_score, sample_rate, hop, feature, pitch_range), fps, feature,
+             i0 / sample_rate)
     if feature == "salience":
         al.check_ratio = al.cost_ratio
     else:   # the sanity check's cost comes from the model-free feature (see MAX_COST_RATIO)
-        sal = salience_features(wave, sample_rate, fps)
-        al.check_ratio = dtw(sal, score_features(notes, n_score, fps, "salience", SALIENCE_RANGE), fps,
-                             "salience").cost_ratio
+        sal = salience_features(wave, sample_rate, hop)
+        al.check_ratio = dtw(sal, score_features(notes, n_score, sample_rate, hop, "salience", SALIENCE_RANGE),
+                             fps, "salience").cost_ratio
     _shape_map(al, notes)
     return check_alignment(al, what, max_cost) if check else al
 
@@ -334,8 +348,9 @@ class RollTranscriber:
         roll = self.roll(wave, sample_rate)
         model_fps = self.sample_rate / self.hop
         n = max(2, int(math.ceil(roll.shape[1] / model_fps * fps)))
-        # average-pool the model's frames onto the DTW grid
-        idx = np.minimum((np.arange(roll.shape[1]) / model_fps * fps).astype(int), n - 1)
+        # average-pool the model's frames onto the DTW grid, each to the nearest DTW frame (both
+        # grids' frames are centred on their times)
+        idx = np.minimum(np.round(np.arange(roll.shape[1]) / model_fps * fps).astype(int), n - 1)
         pooled = np.zeros((roll.shape[0], n))
         np.add.at(pooled.T, idx, roll.T)
         pooled /= np.maximum(np.bincount(idx, minlength=n), 1)[None]
@@ -361,27 +376,13 @@ def warp_map(al: Alignment, end: float) -> tuple[np.ndarray, np.ndarray]:
     return src, np.maximum.accumulate(dst - ramp) + ramp
 
 
-def check_out_file(out: str | Path, inputs: list, option: str = "--out") -> Path:
-    """An output file that can be written and overwrites none of the inputs: checked before any work."""
-    from wss_ray.atomic import check_out_folder
-
-    out = Path(out)
-    if not str(out).strip() or out.name in ("", ".", ".."):
-        raise ValueError(f"{option}: need a file name, got {str(out)!r}")
-    if out.is_dir():
-        raise ValueError(f"{option} {out}: is a folder; give the file to write (e.g. {out / 'aligned.mid'})")
-    for p in inputs:
-        if out.exists() and Path(p).exists() and out.resolve() == Path(p).resolve():
-            raise ValueError(f"{option} {out}: is one of the inputs; write the result to another file")
-    check_out_folder(out.parent, option)
-    return out
-
-
 def align_file(audio: str | Path, midi: str | Path, out: str | Path, checkpoint: str | None = None,
                log=print, max_cost: float = MAX_COST_RATIO) -> Alignment:
     """``wss-ray align``: the MIDI file warped onto the recording, written to ``out`` (every event
     kept: notes, controls, programs, velocities)."""
+    from wss_ray.atomic import check_out_file
     from wss_ray.audio_io import open_audio, read_finite
+    from wss_ray.data.slakh import SlakhError
     from wss_ray.data.warp import midi_span, warp_midi
 
     for p, what in ((audio, "audio file"), (midi, "MIDI file")):
@@ -403,7 +404,10 @@ def align_file(audio: str | Path, midi: str | Path, out: str | Path, checkpoint:
                      what=f"{midi} vs {audio}", max_cost=max_cost)
     # the MIDI's events keep their ticks; only its tempo map is rewritten (pretty_midi's adjust_times
     # would snap notes to the tick grid and drop controls)
-    warp_midi(midi, out, *warp_map(al, midi_span(midi)[1]))
+    try:
+        warp_midi(midi, out, *warp_map(al, midi_span(midi)[1]))
+    except SlakhError as e:   # its wording is about corpus warps; say what failed here
+        raise AlignmentError(f"{midi}: the aligned score cannot be written to {out}: {e}") from None
     s = al.summary(notes)
     log(f"[align] {midi} -> {out}: first note moved {s['shift_s']:+.2f} s, the score stretched x{s['stretch']:.3f}; "
         f"cost {s['check_ratio']:.2f} of chance (limit {max_cost}; aligned by {al.feature}, "

@@ -85,6 +85,20 @@ def check_out_folder(path: str | Path, option: str = "--out") -> Path:
     return path
 
 
+def check_out_file(out: str | Path, inputs: list, option: str = "--out") -> Path:
+    """An output file that can be written and overwrites none of the inputs: checked before any work."""
+    out = Path(out)
+    if not str(out).strip() or out.name in ("", ".", ".."):
+        raise ValueError(f"{option}: need a file name, got {str(out)!r}")
+    if out.is_dir():
+        raise ValueError(f"{option} {out}: is a folder; give the file to write (e.g. {out / 'aligned.mid'})")
+    for p in inputs:
+        if out.exists() and Path(p).exists() and out.resolve() == Path(p).resolve():
+            raise ValueError(f"{option} {out}: is one of the inputs; write the result to another file")
+    check_out_folder(out.parent, option)
+    return out
+
+
 def write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

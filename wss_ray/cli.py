@@ -6,6 +6,10 @@ import sys
 
 from wss_ray.config import STAGE_NAMES, ConfigError, load_config, revalidated
 
+# the alignment check's default limit, for the help texts (wss_ray.align.MAX_COST_RATIO; kept here
+# so `wss-ray -h` does not import librosa)
+MAX_COST_RATIO = 0.8
+
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML preset (configs/*.yaml); defaults apply when omitted")
@@ -44,7 +48,7 @@ def _cmd_featurize(a) -> int:
     cfg = load_config(a.config, a.overrides)
     if a.workers:
         cfg.data.workers = a.workers
-    manifest = featurize(a.slakh, a.out, cfg.data, cfg.ray, align=a.align)
+    manifest = featurize(a.slakh, a.out, cfg.data, cfg.ray, align=a.align, max_cost=a.max_cost)
     return 1 if manifest["_run"]["bad_tracks"] and a.strict else 0
 
 
@@ -211,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--align", metavar="CKPT|salience",
                    help="the scores are not aligned to the audio: align each track's MIDI to its mix first, with "
                         "this checkpoint's transcriptor or the score-free 'salience' feature (see `wss-ray align`)")
+    p.add_argument("--max-cost", type=float, default=None, metavar="X",
+                   help=f"with --align: the alignment check's limit, in (0, 1] (default {MAX_COST_RATIO}); a track "
+                        "above it is named and skipped")
     _config_args(p)
     p.set_defaults(func=_cmd_featurize)
 
@@ -300,8 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the song's score (one input file): aligned to the recording, then each instrument keeps "
                         "only what is near the harmonics of its notes; an instrument the score lacks is silent")
     p.add_argument("--max-cost", type=float, default=None, metavar="X",
-                   help="with --score: the alignment check's limit, in (0, 1] (default 0.8); raise it for a score "
-                        "with only some of the parts that play")
+                   help=f"with --score: the alignment check's limit, in (0, 1] (default {MAX_COST_RATIO}); raise "
+                        "it for a score with only some of the parts that play")
     p.set_defaults(func=_cmd_separate)
 
     p = sub.add_parser("align", help="align a MIDI file to a recording (DTW): the score's notes, tempo and "
@@ -312,8 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "one of the inputs)")
     p.add_argument("--checkpoint", help="align with this checkpoint's transcriptor (transcriptor, separator or "
                                         "finetune stage); default: a score-free spectral feature")
-    p.add_argument("--max-cost", type=float, default=0.8, metavar="X",
-                   help="refuse an alignment whose cost is above this share of chance, in (0, 1] (default 0.8): "
+    p.add_argument("--max-cost", type=float, default=MAX_COST_RATIO, metavar="X",
+                   help=f"refuse an alignment whose cost is above this share of chance, in (0, 1] (default "
+                        f"{MAX_COST_RATIO}): "
                         "a score of another piece, or over twice as long or short, is refused; raise it for a "
                         "score with only some of the parts that play")
     p.set_defaults(func=_cmd_align)

@@ -35,8 +35,9 @@ class ScoreGuide:
         """(K, P, n_frames) roll of a stretch that starts ``start_s`` into the recording, on the
         STFT frame grid of (sample_rate, hop)."""
         rolls = []
+        end_s = start_s + n_frames * hop / sample_rate
         for n in self.notes:
-            shifted = n.copy()
+            shifted = n[(n[:, 1] > start_s) & (n[:, 0] < end_s)].copy()   # only this stretch's notes
             shifted[:, :2] -= start_s
             rolls.append(notes_to_roll(shifted, n_frames, sample_rate, hop, pitch_min, pitch_max))
         return torch.from_numpy(np.stack(rolls))

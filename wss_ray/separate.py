@@ -223,6 +223,8 @@ def separate_files(paths: list[str], checkpoint: str | None, out: str, midi: boo
         raise ValueError(f"{score}: is a folder, not a MIDI file")
     if score is not None and not Path(score).is_file():
         raise FileNotFoundError(f"{score}: no such MIDI file")
+    if max_cost is not None and score is None:
+        raise ValueError("--max-cost: only used with --score (the alignment check's limit)")
     if max_cost is not None:
         from wss_ray.align import check_max_cost
 
@@ -259,9 +261,9 @@ def separate_files(paths: list[str], checkpoint: str | None, out: str, midi: boo
             except BaseException:
                 reader.close()
                 raise
-            s = guide.alignment.summary(np.concatenate([n for n in guide.notes if len(n)]))
-            log(f"[separate] score {score}: aligned ({guide.alignment.feature}; cost {s['check_ratio']:.2f} of "
-                f"chance); {guide.describe()}")
+            al = guide.alignment
+            log(f"[separate] score {score}: aligned ({al.feature}; cost {al.check_ratio:.2f} of chance, score "
+                f"stretched x{al.stretch:.3f}); {guide.describe()}")
         folder = Path(out) / Path(path).stem
         made = [d for d in (folder, *folder.parents) if not d.exists()]   # removed again on failure
         names = sep.instruments + ["residual"]

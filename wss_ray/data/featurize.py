@@ -61,22 +61,44 @@ def _transcriber(checkpoint: str):
     return RollTranscriber.load(checkpoint)
 
 
-def align_track(audio, align: str, what: str) -> dict:
+def _score_notes(src, audio, mix: str) -> np.ndarray:
+    """The notes to align with: the target parts when the mix is their sum; every pitched part
+    of the score (``all_src.mid``, else each stem's MIDI) when the mix is the track's own mix
+    file, which holds all of them (strings, organ, ...). Scores, never stems."""
+    from wss_ray.data.score import ScoreError, load_notes
+
+    targets = np.concatenate(audio.notes)
+    if mix != "mix_file":
+        return targets
+    files = [src.path / "all_src.mid"] if (src.path / "all_src.mid").is_file() else \
+        sorted((src.midis[next(iter(src.midis))][0].parent).glob("*.mid"))
+    try:
+        every = [load_notes(f, require_notes=False) for f in files]
+    except ScoreError:
+        return targets
+    every = np.concatenate(every) if every else targets
+    return every if len(every) else targets
+
+
+def align_track(audio, align: str, what: str, src=None, mix: str = "sum_of_targets", max_cost: float | None = None) -> dict:
     """Move each target's notes onto the recording (in place); the alignment's summary.
 
-    One warp for the whole track, found from all target notes together against the mix: the
-    instruments of one score share its timing."""
-    from wss_ray.align import align_notes
+    One warp for the whole track, found from the score's notes against the mix: the parts of one
+    score share its timing. A track without target notes has nothing to move."""
+    from wss_ray.align import MAX_COST_RATIO, align_notes
 
-    notes = np.concatenate(audio.notes)
+    if not sum(len(n) for n in audio.notes):
+        return {"skipped": "no notes of the target instruments"}
+    notes = _score_notes(src, audio, mix) if src is not None else np.concatenate(audio.notes)
     transcriber = None if align == "salience" else _transcriber(align)
     al = align_notes(notes, audio.mix, audio.sample_rate, "salience" if transcriber is None else "transcriptor",
-                     transcriber, what=what)
+                     transcriber, what=what, max_cost=max_cost or MAX_COST_RATIO)
     audio.notes = [al.warp_notes(n) for n in audio.notes]
     return al.summary(notes)
 
 
-def featurize_track(split: str, track_dir: str, out: str, cfg_dict: dict, align: str | None = None) -> dict:
+def featurize_track(split: str, track_dir: str, out: str, cfg_dict: dict, align: str | None = None,
+                    max_cost: float | None = None) -> dict:
     """Ray Data map function: one track -> two shards. Returns a status row, never raises.
 
     ``align``: None (the scores are aligned, as in Slakh), "salience" or a checkpoint holding a
@@ -93,7 +115,8 @@ def featurize_track(split: str, track_dir: str, out: str, cfg_dict: dict, align:
         src = read_sources(split, track, cfg)
         mapping = json.dumps(src.mapping())
         audio = load_track(src, cfg)
-        alignment = align_track(audio, align, f"{track}: score alignment") if align else {}
+        alignment = (align_track(audio, align, f"{track}: score alignment", src, cfg.mix, max_cost) if align
+                     else {})
         wave = torch.from_numpy(np.concatenate([audio.mix[None], audio.stems]))
         wave = resample(wave, audio.sample_rate, cfg.sample_rate).numpy()
         mix, stems = wave[0], wave[1:]
@@ -213,7 +236,8 @@ def check_align(align: str | None) -> str | None:
 
 
 def featurize(slakh: str | Path, out: str | Path, cfg: DataConfig, ray_cfg: RayConfig | None = None,
-              log: Callable[[str], None] = print, engine: str = "ray", align: str | None = None) -> dict:
+              log: Callable[[str], None] = print, engine: str = "ray", align: str | None = None,
+              max_cost: float | None = None) -> dict:
     """Featurize every track under ``slakh`` into ``out``; returns the manifest.
 
     ``align``: the scores are not aligned to the audio; align each track's MIDI first, with the
@@ -226,6 +250,12 @@ def featurize(slakh: str | Path, out: str | Path, cfg: DataConfig, ray_cfg: RayC
     check_out_folder(out)
     tracks = list_tracks(slakh)
     align = check_align(align)
+    if max_cost is not None:
+        from wss_ray.align import check_max_cost
+
+        if not align:
+            raise ValueError("--max-cost: only used with --align (the alignment check's limit)")
+        check_max_cost(max_cost)
     out.mkdir(parents=True, exist_ok=True)
     _check_existing(out, cfg, align)
     _check_splits(out, tracks)
@@ -249,7 +279,8 @@ def featurize(slakh: str | Path, out: str | Path, cfg: DataConfig, ray_cfg: RayC
     audio_s = 0.0
     done_now: dict[str, dict] = {}
     if todo:
-        rows = _map_ray(todo, out, cfg, ray_cfg, align) if engine == "ray" else _map_local(todo, out, cfg, align)
+        rows = (_map_ray(todo, out, cfg, ray_cfg, align, max_cost) if engine == "ray"
+                else _map_local(todo, out, cfg, align, max_cost))
         # about ten progress lines whatever the corpus size; every failure gets its own line
         every = max(1, math.ceil(len(todo) / 10))
         for i, row in enumerate(rows, 1):
@@ -269,7 +300,7 @@ def featurize(slakh: str | Path, out: str | Path, cfg: DataConfig, ray_cfg: RayC
             log(f"[featurize] {line}")
         mappings.update(done_now)
         if align and alignments:
-            costs = np.array([a["check_ratio"] for a in alignments.values()])
+            costs = np.array([a["check_ratio"] for a in alignments.values() if "check_ratio" in a] or [np.nan])
             log(f"[featurize] scores aligned ({align if align == 'salience' else 'transcriptor of ' + align}): cost "
                 f"{np.median(costs):.2f} of chance (median; worst {costs.max():.2f}); per track: {REPORT}")
     wall = time.time() - t0
@@ -286,7 +317,8 @@ def featurize(slakh: str | Path, out: str | Path, cfg: DataConfig, ray_cfg: RayC
     return manifest
 
 
-def _map_ray(todo: list, out: Path, cfg: DataConfig, ray_cfg: RayConfig | None, align: str | None = None):
+def _map_ray(todo: list, out: Path, cfg: DataConfig, ray_cfg: RayConfig | None, align: str | None = None,
+             max_cost: float | None = None):
     import ray
 
     from wss_ray.ray_session import ensure_ray
@@ -295,19 +327,19 @@ def _map_ray(todo: list, out: Path, cfg: DataConfig, ray_cfg: RayConfig | None, 
     items = [{"split": s, "track_dir": str(t)} for s, t in todo]
     cfg_dict = cfg.to_dict()
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map(lambda r: featurize_track(r["split"], r["track_dir"], str(out), cfg_dict, align),
+    ds = ds.map(lambda r: featurize_track(r["split"], r["track_dir"], str(out), cfg_dict, align, max_cost),
                 num_cpus=1, compute=ray.data.TaskPoolStrategy(size=cfg.workers))
     yield from ds.iter_rows()
 
 
-def _map_local(todo: list, out: Path, cfg: DataConfig, align: str | None = None):
+def _map_local(todo: list, out: Path, cfg: DataConfig, align: str | None = None, max_cost: float | None = None):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     cfg_dict = cfg.to_dict()
     # spawn: a forked child of a process holding torch or Ray threads can hang
     with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(featurize_track, s, str(t), str(out), cfg_dict, align) for s, t in todo]
+        futures = [pool.submit(featurize_track, s, str(t), str(out), cfg_dict, align, max_cost) for s, t in todo]
         for f in as_completed(futures):
             yield f.result()
 

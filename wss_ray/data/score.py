@@ -80,11 +80,13 @@ def harmonic_basis(sample_rate: int, n_fft: int, pitch_min: int, pitch_max: int,
 
 
 def harmonic_masks(roll: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """Rolls (B, K, P, N) and basis (P, F) -> masks H_k (B, K, F, N) in {0, 1}.
+    """Rolls (B, K, P, N) and basis (P, F), or one per instrument (K, P, F) -> masks H_k
+    (B, K, F, N) in {0, 1}.
 
     H_k(f, n) = max_p roll_k(p, n) * basis(p, f), computed as one matmul and a threshold.
     """
-    overlap = torch.einsum("bkpn,pf->bkfn", roll.to(basis.dtype), basis)
+    spec = "bkpn,kpf->bkfn" if basis.dim() == 3 else "bkpn,pf->bkfn"
+    overlap = torch.einsum(spec, roll.to(basis.dtype), basis)
     return (overlap > 0).to(basis.dtype)
 
 
@@ -118,10 +120,7 @@ def soft_score_mask(roll: torch.Tensor, basis: torch.Tensor, time_tol: int = 2, 
     The harmonic masks are widened by ``time_tol`` frames and ``freq_tol`` bins on each side, so a
     note a little early or late (an alignment error, a slow attack, a release tail) or slightly
     detuned keeps its energy."""
-    if basis.dim() == 3:
-        h = (torch.einsum("bkpn,kpf->bkfn", roll.to(basis.dtype), basis) > 0).to(basis.dtype)
-    else:
-        h = harmonic_masks(roll, basis)
+    h = harmonic_masks(roll, basis)
     B, K, F, N = h.shape
     wide = torch.nn.functional.max_pool2d(h.reshape(B * K, 1, F, N), kernel_size=(2 * freq_tol + 1, 2 * time_tol + 1),
                                           stride=1, padding=(freq_tol, time_tol)).reshape(B, K, F, N)

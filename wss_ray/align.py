@@ -246,11 +246,11 @@ def check_alignment(al: Alignment, what: str, max_cost_ratio: float = MAX_COST_R
 
 def align_notes(notes: np.ndarray, wave: np.ndarray, sample_rate: int, feature: str = "salience",
                 transcriber=None, what: str = "score", check: bool = True,
-                max_cost: float = MAX_COST_RATIO) -> Alignment:
+                max_cost: float | None = None) -> Alignment:
     """Align notes (n, 3) in score time to a mono recording.
 
     ``feature``: "salience", or "transcriptor" with ``transcriber`` a :class:`RollTranscriber`.
-    ``max_cost``: the sanity check's limit (:data:`MAX_COST_RATIO`)."""
+    ``max_cost``: the sanity check's limit (None: :data:`MAX_COST_RATIO`)."""
     notes = np.asarray(notes, dtype=np.float64).reshape(-1, 3)
     if not len(notes):
         raise AlignmentError(f"{what}: no notes to align")
@@ -295,7 +295,7 @@ def align_notes(notes: np.ndarray, wave: np.ndarray, sample_rate: int, feature: 
         al.check_ratio = dtw(sal, score_features(notes, n_score, sample_rate, hop, "salience", SALIENCE_RANGE),
                              fps, "salience").cost_ratio
     _shape_map(al, notes)
-    return check_alignment(al, what, max_cost) if check else al
+    return check_alignment(al, what, max_cost or MAX_COST_RATIO) if check else al
 
 
 class RollTranscriber:

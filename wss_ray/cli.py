@@ -160,6 +160,14 @@ def _cmd_align(a) -> int:
     return 0
 
 
+def _max_cost_arg(p: argparse.ArgumentParser, when: str, default: float | None = None) -> None:
+    """--max-cost, for every command that aligns a score."""
+    p.add_argument("--max-cost", type=float, default=default, metavar="X",
+                   help=f"{when}The alignment check: refuse an alignment whose cost is above this share "
+                        f"of chance, in (0, 1] (default {MAX_COST_RATIO}); raise it for a score with only some of "
+                        "the parts that play")
+
+
 def _render_args(p: argparse.ArgumentParser) -> None:
     """What FluidSynth rendering takes, for every command that renders a corpus."""
     p.add_argument("--soundfont", help="General MIDI .sf2 (default: FluidR3_GM from fluid-soundfont-gm)")
@@ -215,9 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--align", metavar="CKPT|salience",
                    help="the scores are not aligned to the audio: align each track's MIDI to its mix first, with "
                         "this checkpoint's transcriptor or the score-free 'salience' feature (see `wss-ray align`)")
-    p.add_argument("--max-cost", type=float, default=None, metavar="X",
-                   help=f"with --align: the alignment check's limit, in (0, 1] (default {MAX_COST_RATIO}); a track "
-                        "above it is named and skipped")
+    _max_cost_arg(p, "With --align; a track above the limit is named and skipped. ")
     _config_args(p)
     p.set_defaults(func=_cmd_featurize)
 
@@ -306,9 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score", metavar="MIDI",
                    help="the song's score (one input file): aligned to the recording, then each instrument keeps "
                         "only what is near the harmonics of its notes; an instrument the score lacks is silent")
-    p.add_argument("--max-cost", type=float, default=None, metavar="X",
-                   help=f"with --score: the alignment check's limit, in (0, 1] (default {MAX_COST_RATIO}); raise "
-                        "it for a score with only some of the parts that play")
+    _max_cost_arg(p, "With --score. ")
     p.set_defaults(func=_cmd_separate)
 
     p = sub.add_parser("align", help="align a MIDI file to a recording (DTW): the score's notes, tempo and "
@@ -319,11 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "one of the inputs)")
     p.add_argument("--checkpoint", help="align with this checkpoint's transcriptor (transcriptor, separator or "
                                         "finetune stage); default: a score-free spectral feature")
-    p.add_argument("--max-cost", type=float, default=MAX_COST_RATIO, metavar="X",
-                   help=f"refuse an alignment whose cost is above this share of chance, in (0, 1] (default "
-                        f"{MAX_COST_RATIO}): "
-                        "a score of another piece, or over twice as long or short, is refused; raise it for a "
-                        "score with only some of the parts that play")
+    _max_cost_arg(p, "A score of another piece, or over twice as long or short, is refused. ", MAX_COST_RATIO)
     p.set_defaults(func=_cmd_align)
     return parser
 

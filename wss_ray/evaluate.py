@@ -176,9 +176,11 @@ def _evaluate(checkpoints, data, out: Path, split, examples, batch_size, log, de
             multi[k] += several[audible[:, k]].tolist()
         ests = {"mixture": mix[:, None].expand_as(refs), "oracle_irm": oracle_irm(spec, stft(refs), stft, L)}
         for n, s in zip(names, seps):
-            ests[n] = s.separate_batch(mix).cpu()
-            if score_informed:
-                ests[f"{n}+score"] = s.separate_batch(mix, batch["roll"]).cpu()
+            if score_informed:   # one forward pass for both rows
+                free, scored = s.separate_batch_scored(mix, batch["roll"])
+                ests[n], ests[f"{n}+score"] = free.cpu(), scored.cpu()
+            else:
+                ests[n] = s.separate_batch(mix).cpu()
             if n in rolls_est:
                 rolls_est[n].append((s.transcribe_batch(mix).cpu() > 0.5).numpy())
         rolls_ref.append(batch["roll"].numpy() > 0.5)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wss_ray.align import MAX_COST_RATIO, Alignment, AlignmentError, RollTranscriber, align_notes
+from wss_ray.align import Alignment, AlignmentError, RollTranscriber, align_notes
 from wss_ray.config import INSTRUMENT_CLASSES
 from wss_ray.data.score import ScoreError, notes_to_roll
 
@@ -81,7 +81,7 @@ def score_notes(midi: str | Path, instruments: list[str]) -> tuple[list[np.ndarr
 
 
 def guide_for(midi: str | Path, wave: np.ndarray, sample_rate: int, instruments: list[str],
-              transcriber: RollTranscriber | None = None, what: str = "", max_cost: float = MAX_COST_RATIO) -> ScoreGuide:
+              transcriber: RollTranscriber | None = None, what: str = "", max_cost: float | None = None) -> ScoreGuide:
     """Read a score, align it to the recording (the transcriptor's roll when there is one, else
     the score-free salience feature) and return it on the recording's time line. A score of
     another piece fails the alignment's cost test (:class:`AlignmentError`)."""

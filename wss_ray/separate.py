@@ -97,11 +97,24 @@ class Separator:
 
         ``score_roll`` (B, K, P, N) on the STFT frame grid: score-informed separation, each
         instrument's mask kept only near the harmonics of its notes (:func:`soft_score_mask`)."""
-        spec = self.stft(mix.to(self.device))
-        masks = self.separator(spec.abs()).float()
+        spec, masks = self._masks(mix)
         if score_roll is not None:
-            masks = masks * soft_score_mask(score_roll.to(self.device), self.basis, **self.score_tolerance)
+            masks = masks * self.score_mask(score_roll)
         return self.stft.inverse(masks * spec[:, None], mix.shape[-1])
+
+    @torch.no_grad()
+    def separate_batch_scored(self, mix: torch.Tensor, score_roll: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(score-free, score-informed) estimates of one forward pass (evaluate's two rows)."""
+        spec, masks = self._masks(mix)
+        both = torch.stack([masks, masks * self.score_mask(score_roll)])
+        return tuple(self.stft.inverse(both * spec[None, :, None], mix.shape[-1]))
+
+    def _masks(self, mix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        spec = self.stft(mix.to(self.device))
+        return spec, self.separator(spec.abs()).float()
+
+    def score_mask(self, score_roll: torch.Tensor) -> torch.Tensor:
+        return soft_score_mask(score_roll.to(self.device), self.basis, **self.score_tolerance)
 
     @property
     def basis(self) -> torch.Tensor:
@@ -129,11 +142,10 @@ class Separator:
 
     def guide(self, score: str | Path, waveform: np.ndarray, sample_rate: int, what: str = "", max_cost=None):
         """A score of this recording, aligned to it (:func:`wss_ray.score_informed.guide_for`)."""
-        from wss_ray.align import MAX_COST_RATIO
         from wss_ray.score_informed import guide_for
 
         return guide_for(score, waveform, sample_rate, self.instruments, self.aligner(), what=what,
-                         max_cost=max_cost or MAX_COST_RATIO)
+                         max_cost=max_cost)
 
     def _need_transcriptor(self) -> None:
         if self.transcriptor is None:

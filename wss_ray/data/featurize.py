@@ -85,14 +85,14 @@ def align_track(audio, align: str, what: str, src=None, mix: str = "sum_of_targe
 
     One warp for the whole track, found from the score's notes against the mix: the parts of one
     score share its timing. A track without target notes has nothing to move."""
-    from wss_ray.align import MAX_COST_RATIO, align_notes
+    from wss_ray.align import align_notes
 
     if not sum(len(n) for n in audio.notes):
         return {"skipped": "no notes of the target instruments"}
     notes = _score_notes(src, audio, mix) if src is not None else np.concatenate(audio.notes)
     transcriber = None if align == "salience" else _transcriber(align)
     al = align_notes(notes, audio.mix, audio.sample_rate, "salience" if transcriber is None else "transcriptor",
-                     transcriber, what=what, max_cost=max_cost or MAX_COST_RATIO)
+                     transcriber, what=what, max_cost=max_cost)
     audio.notes = [al.warp_notes(n) for n in audio.notes]
     return al.summary(notes)
 

@@ -155,10 +155,49 @@ class SynthConfig(Section):
         return v
 
 
+class UnmixConfig(Section):
+    """Open-Unmix (the reference's sizes): BLSTM width, layers, input bandwidth in Hz."""
+    hidden: PosInt = 512
+    layers: PosInt = 3
+    bandwidth: Pos = 16000.0
+
+
+class UNetConfig(Section):
+    """Spleeter-style U-Net: first layer's channels (doubled per level), levels, decoder dropout."""
+    channels: PosInt = 16
+    depth: Annotated[int, Field(ge=1, le=8)] = 6
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5
+
+
+class TasNetConfig(Section):
+    """Conv-TasNet (torchaudio's): encoder kernel/filters (L, N), TCN kernel (P), bottleneck (B),
+    hidden (H), blocks per stack (X), stacks (R); mixture-consistent outputs."""
+    enc_kernel: Annotated[int, Field(ge=2)] = 16
+    enc_feats: PosInt = 512
+    kernel: PosInt = 3
+    bottleneck: PosInt = 128
+    hidden: PosInt = 512
+    layers: PosInt = 8
+    stacks: PosInt = 3
+    consistent: bool = True
+
+    @model_validator(mode="after")
+    def _even(self) -> "TasNetConfig":
+        if self.enc_kernel % 2:
+            raise _Field("enc_kernel", f"{self.enc_kernel}: the encoder's stride is half its kernel, so it must be even")
+        return self
+
+
 class SeparatorModelConfig(Section):
+    # the backbone: "blstm" (this project's small default, sized by hidden/layers/dropout
+    # below), "umx" (Open-Unmix), "unet" (Spleeter-style U-Net), "convtasnet" (waveform)
+    arch: Literal["blstm", "umx", "unet", "convtasnet"] = "blstm"
     hidden: PosInt = 128
     layers: PosInt = 2
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    umx: UnmixConfig = Field(default_factory=UnmixConfig)
+    unet: UNetConfig = Field(default_factory=UNetConfig)
+    convtasnet: TasNetConfig = Field(default_factory=TasNetConfig)
 
 
 class TranscriptorModelConfig(Section):

@@ -115,8 +115,6 @@ def plot_distributions(per_chunk: dict[str, dict[str, list[float]]], path: str |
 def plot_examples(checkpoint: str, data: str | Path, out: str | Path, split: str = "test", n: int = 2,
                   log=print) -> list[Path]:
     """Mask and score-overlay PNGs for the first ``n`` chunks of a split that hold notes."""
-    import torch
-
     from wss_ray.data.dataset import iter_local, load_manifest
     from wss_ray.separate import Separator
 
@@ -132,9 +130,11 @@ def plot_examples(checkpoint: str, data: str | Path, out: str | Path, split: str
             if not roll.any():
                 continue
             i += 1
-            with torch.no_grad():
-                spec = sep.stft(mix[None].to(sep.device))
-                masks = sep.separator(spec.abs())[0].float().cpu().numpy()
+            est = sep.estimates(mix[None])
+            spec = est.spec
+            # a waveform backbone has no masks: its effective mask |STFT(ŝ_k)| / |X|, clipped
+            masks = est.masks if est.masks is not None else (est.mag / spec.abs()[:, None].clamp_min(1e-8)).clamp(0, 1)
+            masks = masks[0].float().cpu().numpy()
             mag = spec[0].abs().cpu().numpy()
             written.append(plot_masks(mag, masks, m["instruments"], m["sample_rate"], m["hop"],
                                       out / f"example{i:02d}_masks.png", sep.system))

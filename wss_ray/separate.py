@@ -25,6 +25,7 @@ from wss_ray.checkpoint import CheckpointError, build_model, load_checkpoint
 from wss_ray.data.score import harmonic_basis, soft_score_mask
 from wss_ray.dsp import STFT, resample
 from wss_ray.midi_out import RollCollector, roll_to_midi
+from wss_ray.separation import Estimates, estimate
 from wss_ray.streaming import ProgressBar, fit_length, overlap_add_stream
 
 SEPARATOR_STAGES = ("separator", "finetune", "baseline", "supervised")
@@ -93,25 +94,25 @@ class Separator:
 
     @torch.no_grad()
     def separate_batch(self, mix: torch.Tensor, score_roll: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L) at the model's rate -> (B, K, L): masks applied to the mixture STFT (its phase).
+        """(B, L) at the model's rate -> (B, K, L): a mask backbone's masks applied to the mixture
+        STFT (its phase), a waveform backbone's own waveforms.
 
         ``score_roll`` (B, K, P, N) on the STFT frame grid: score-informed separation, each
-        instrument's mask kept only near the harmonics of its notes (:func:`soft_score_mask`)."""
-        spec, masks = self._masks(mix)
-        if score_roll is not None:
-            masks = masks * self.score_mask(score_roll)
-        return self.stft.inverse(masks * spec[:, None], mix.shape[-1])
+        instrument's estimate kept only near the harmonics of its notes (:func:`soft_score_mask`)."""
+        est = self.estimates(mix)
+        gain = None if score_roll is None else self.score_mask(score_roll)
+        return est.waveforms(self.stft, mix.shape[-1], gain)
 
     @torch.no_grad()
     def separate_batch_scored(self, mix: torch.Tensor, score_roll: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(score-free, score-informed) estimates of one forward pass (evaluate's two rows)."""
-        spec, masks = self._masks(mix)
-        both = torch.stack([masks, masks * self.score_mask(score_roll)])
-        return tuple(self.stft.inverse(both * spec[None, :, None], mix.shape[-1]))
+        est = self.estimates(mix)
+        return est.waveforms(self.stft, mix.shape[-1]), est.waveforms(self.stft, mix.shape[-1], self.score_mask(score_roll))
 
-    def _masks(self, mix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        spec = self.stft(mix.to(self.device))
-        return spec, self.separator(spec.abs()).float()
+    @torch.no_grad()
+    def estimates(self, mix: torch.Tensor) -> Estimates:
+        """One separator pass over mixtures (B, L) at the model's rate."""
+        return estimate(self.separator, mix.to(self.device), self.stft)
 
     def score_mask(self, score_roll: torch.Tensor) -> torch.Tensor:
         return soft_score_mask(score_roll.to(self.device), self.basis, **self.score_tolerance)

@@ -11,6 +11,8 @@ from wss_ray.dsp import log_magnitude
 class MaskSeparator(nn.Module):
     """|X| (B, F, N) -> masks M (B, K, F, N) in [0, 1]; Ŝ_k = M_k ⊙ |X| is the caller's product."""
 
+    domain = "mask"
+
     def __init__(self, n_bins: int, n_sources: int, hidden: int = 128, layers: int = 2, dropout: float = 0.0):
         super().__init__()
         self.n_bins, self.n_sources = n_bins, n_sources

@@ -14,6 +14,7 @@ from wss_ray.checkpoint import build_model, make_model
 from wss_ray.config import Config, StageSettings
 from wss_ray.data.score import harmonic_basis, harmonic_masks
 from wss_ray.dsp import STFT
+from wss_ray.separation import Estimates, estimate
 
 
 # every stage's optimisation settings (steps and checkpointing only change how long it runs)
@@ -56,10 +57,25 @@ class StepContext:
 
     # model factories from the config (sizes) and the manifest (signal settings)
     def new_separator(self) -> nn.Module:
-        c = self.cfg.models.separator
-        return make_model("MaskSeparator", {"n_bins": self.manifest["n_fft"] // 2 + 1,
-                                            "n_sources": self.n_sources, "hidden": c.hidden,
+        c, m = self.cfg.models.separator, self.manifest
+        n_bins = m["n_fft"] // 2 + 1
+        if c.arch == "umx":
+            u = c.umx
+            return make_model("UnmixSeparator", {"n_bins": n_bins, "n_sources": self.n_sources,
+                                                 "sample_rate": m["sample_rate"], "n_fft": m["n_fft"],
+                                                 "hidden": u.hidden, "layers": u.layers, "bandwidth": u.bandwidth})
+        if c.arch == "unet":
+            u = c.unet
+            return make_model("UNetSeparator", {"n_bins": n_bins, "n_sources": self.n_sources,
+                                                "channels": u.channels, "depth": u.depth, "dropout": u.dropout})
+        if c.arch == "convtasnet":
+            return make_model("TasNetSeparator", {"n_sources": self.n_sources, **c.convtasnet.model_dump()})
+        return make_model("MaskSeparator", {"n_bins": n_bins, "n_sources": self.n_sources, "hidden": c.hidden,
                                             "layers": c.layers, "dropout": c.dropout})
+
+    def separate(self, separator: nn.Module, batch: dict, spec: torch.Tensor | None = None) -> Estimates:
+        """The separator's estimates on the batch's mixtures (magnitudes Ŝ for the losses)."""
+        return estimate(separator, batch["mix"], self.stft, spec)
 
     def _spectro_kwargs(self, c) -> dict:
         m = self.manifest
@@ -97,12 +113,6 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return critic_mode(model)
-
-
-def separate(separator: nn.Module, mag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masks M (B, K, F, N) and separated magnitudes Ŝ = M ⊙ |X|."""
-    masks = separator(mag)
-    return masks, masks * mag[:, None]
 
 
 def flat_sources(est: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ not available to it whatever ``masks`` says."""
 from __future__ import annotations
 
 from wss_ray.losses import classifier_guided_loss, clip_mixture_loss
-from wss_ray.stages.base import COMMON_TUNABLE, Recipe, StepContext, flat_sources, freeze, separate
+from wss_ray.stages.base import COMMON_TUNABLE, Recipe, StepContext, flat_sources, freeze
 
 
 class BaselineRecipe(Recipe):
@@ -22,8 +22,8 @@ class BaselineRecipe(Recipe):
 
     def losses(self, batch, models, ctx):
         s = ctx.stage
-        _, mag = ctx.mixture(batch)
-        _, est = separate(models["separator"], mag)
+        spec, mag = ctx.mixture(batch)
+        est = ctx.separate(models["separator"], batch, spec).mag
         terms = {"cls": classifier_guided_loss(models["classifier"](flat_sources(est))["inst"], batch["roll"]),
                  "c_mix": clip_mixture_loss(mag, est, batch["active"])}
         terms["loss"] = s.lambda_cls * terms["cls"] + s.lambda_c * terms["c_mix"]

@@ -6,7 +6,7 @@ import torch
 
 from wss_ray.losses import (aml_separator_loss, aml_transcriptor_loss, leakage_transcription_loss,
                             recomposition, separation_transcription_loss, transcription_loss)
-from wss_ray.stages.base import Recipe, StepContext, apply_update, flat_sources, freeze, separate
+from wss_ray.stages.base import Recipe, StepContext, apply_update, flat_sources, freeze
 from wss_ray.stages.separator import ScoreValidated, SeparatorRecipe, separator_objective, separator_terms
 
 
@@ -47,8 +47,8 @@ class FinetuneRecipe(ScoreValidated, Recipe):
 
     def s_losses(self, batch, models, ctx, step=0):
         s, S, T = ctx.stage, models["separator"], models["transcriptor"]
-        _, mag = ctx.mixture(batch)
-        _, est = separate(S, mag)
+        spec, mag = ctx.mixture(batch)
+        est = ctx.separate(S, batch, spec).mag
         b, k = est.shape[:2]
         inputs, sizes = [flat_sources(est)], [b * k]
         if "aml" in s.adversarial:
@@ -63,12 +63,13 @@ class FinetuneRecipe(ScoreValidated, Recipe):
             terms["aml_s"] = aml_separator_loss(outs[1], fake_score, s.pos_weight)
             total = total + s.lambda_adv * terms["aml_s"]
         terms["loss"] = total
-        return terms, mag
+        return terms, spec
 
-    def t_losses(self, batch, models, ctx, mag, step=0):
+    def t_losses(self, batch, models, ctx, spec, step=0):
         s, S, T = ctx.stage, models["separator"], models["transcriptor"]
+        mag = spec.abs()
         with torch.no_grad():
-            _, est = separate(getattr(S, "module", S), mag)
+            est = ctx.separate(getattr(S, "module", S), batch, spec).mag
         b, k = est.shape[:2]
         inputs, sizes = [mag, flat_sources(est)], [b, b * k]
         if "aml" in s.adversarial:
@@ -100,11 +101,11 @@ class FinetuneRecipe(ScoreValidated, Recipe):
         clip = ctx.stage.grad_clip
         # S update: T's gradients are computed (T is DDP-wrapped) but discarded
         with ctx.autocast():
-            s_terms, mag = self.s_losses(batch, models, ctx, step)
+            s_terms, spec = self.s_losses(batch, models, ctx, step)
         apply_update(s_terms["loss"], models, opts, ("separator",), clip)
         # T update on detached separations
         with ctx.autocast():
-            t_terms = self.t_losses(batch, models, ctx, mag.detach(), step)
+            t_terms = self.t_losses(batch, models, ctx, spec.detach(), step)
         apply_update(t_terms["loss"], models, opts, ("transcriptor",), clip)
         out = {k: float(v.detach()) for k, v in s_terms.items()}
         out.update({("t_" + k if k == "loss" else k): float(v.detach()) for k, v in t_terms.items()})

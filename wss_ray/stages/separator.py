@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from wss_ray.losses import clip_mixture_loss, harmonic_mixture_loss, separation_transcription_loss
-from wss_ray.stages.base import COMMON_TUNABLE, Recipe, StepContext, flat_sources, freeze, separate
+from wss_ray.stages.base import COMMON_TUNABLE, Recipe, StepContext, flat_sources, freeze
 
 
 def separator_terms(batch, mag, est, t_out, ctx: StepContext) -> dict:
@@ -27,8 +27,8 @@ def separator_terms(batch, mag, est, t_out, ctx: StepContext) -> dict:
 
 def separator_objective(batch, models, ctx: StepContext) -> dict:
     """L_S of the batch with the given separator and (critic) transcriptor."""
-    _, mag = ctx.mixture(batch)
-    _, est = separate(models["separator"], mag)
+    spec, mag = ctx.mixture(batch)
+    est = ctx.separate(models["separator"], batch, spec).mag
     return separator_terms(batch, mag, est, models["transcriptor"](flat_sources(est)), ctx)
 
 
@@ -43,8 +43,8 @@ class ScoreValidated:
     @torch.no_grad()
     def validate(self, batch, models, ctx: StepContext) -> dict:
         with ctx.autocast():
-            _, mag = ctx.mixture(batch)
-            _, est = separate(models["separator"], mag)
+            spec, mag = ctx.mixture(batch)
+            est = ctx.separate(models["separator"], batch, spec).mag
             flat = flat_sources(est)
             judged = models[self.critic](flat)
             own = judged if self.critic == "transcriptor" else models["transcriptor"](flat)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from wss_ray.losses import si_sdr, supervised_loss
-from wss_ray.stages.base import Recipe, StepContext, separate
+from wss_ray.stages.base import Recipe, StepContext
 
 
 class SupervisedRecipe(Recipe):
@@ -19,15 +19,15 @@ class SupervisedRecipe(Recipe):
         return {"separator": ctx.new_separator()}
 
     def losses(self, batch, models, ctx):
-        _, mag = ctx.mixture(batch)
-        _, est = separate(models["separator"], mag)
+        spec, _ = ctx.mixture(batch)
+        est = ctx.separate(models["separator"], batch, spec).mag
         return {"loss": supervised_loss(est, ctx.stft(batch["stems"]).abs())}
 
     @torch.no_grad()
     def validate(self, batch, models, ctx):
         spec, mag = ctx.mixture(batch)
-        masks, est = separate(models["separator"], mag)
-        wave = ctx.stft.inverse(masks.float() * spec[:, None], batch["mix"].shape[-1])
+        out = ctx.separate(models["separator"], batch, spec)
+        est, wave = out.mag, out.waveforms(ctx.stft, batch["mix"].shape[-1])
         score = si_sdr(wave, batch["stems"])
         audible = batch["stems"].abs().amax(dim=-1) > 1e-3
         return {"val_loss": float(supervised_loss(est, ctx.stft(batch["stems"]).abs())),

@@ -1,0 +1,167 @@
+"""Separator backbones at an equal wall-clock budget: for each ``models.separator.arch``, the
+supervised row (the backbone's ceiling) and the weak separator[c+h] row (trained through a
+given frozen transcriptor, no stems), over several seeds, scored on the multi-source table.
+
+Equal budget: every backbone's step time is measured first, side by side in this run (same
+batch, same process), then each row trains ``budget / step time`` steps; all rows use their
+last checkpoint. The default backbone for the budget is the best weak row on **validation**;
+test and real-composition figures are reported, never used to choose.
+
+    python benchmarks/bench_backbones.py --data FEATURES --transcriptor CKPT \\
+        [--extra-test SCORES_FEATURES] [--budget 150] [--seeds 0 1] [--out DIR]
+
+Writes ``backbones.json`` (every figure, written after each run: an interrupted run keeps what
+it measured) and ``backbones.md`` into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repo, without an install
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_check import step_speed  # noqa: E402
+from wss_ray.config import load_config  # noqa: E402
+from wss_ray.data.dataset import load_manifest, load_split  # noqa: E402
+from wss_ray.evaluate import _avg, evaluate  # noqa: E402
+from wss_ray.stages.base import StepContext  # noqa: E402
+from wss_ray.stages.runner import train_local  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+# backbone sizes for a 2-core CPU (the BLSTM is the demo's); each a few hundred thousand to
+# ~1.4 M parameters, so the budget, not the size, decides
+CPU_SIZES = {
+    "blstm": [],
+    "umx": ["models.separator.umx.hidden=128"],
+    "unet": ["models.separator.unet.channels=8", "models.separator.unet.depth=5"],
+    "convtasnet": ["models.separator.convtasnet.enc_kernel=32", "models.separator.convtasnet.enc_feats=128",
+                   "models.separator.convtasnet.bottleneck=64", "models.separator.convtasnet.hidden=128",
+                   "models.separator.convtasnet.layers=6", "models.separator.convtasnet.stacks=2"],
+}
+ROWS = {"supervised": "supervised", "separator": "separator[c+h]"}
+
+
+def n_params(cfg, manifest) -> int:
+    ctx = StepContext(cfg, cfg.stages["separator"], manifest, torch.device("cpu"))
+    return sum(p.numel() for p in ctx.new_separator().parameters())
+
+
+def averages(rows: list[dict]) -> dict:
+    return {s: _avg(rows, s) for s in dict.fromkeys(r["system"] for r in rows)}
+
+
+def spread(v: list[float]) -> str:
+    v = [x for x in v if x == x]
+    if not v:
+        return "–"
+    return f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
+
+
+def markdown(report: dict) -> str:
+    sets = report["eval_sets"]
+    lines = [f"Backbones at {report['budget_s']:.0f} s of training per row on {report['machine']} "
+             f"(seeds {report['seeds']}; multi-source SI-SDR avg over instruments, dB, mean ± sample std "
+             "over seeds; last checkpoint)", ""]
+    head = "| backbone | params | s/step sup / weak | steps sup / weak |"
+    for name in sets:
+        head += f" supervised ({name}) | separator[c+h] ({name}) |"
+    lines += [head, "|" + "---|" * (4 + 2 * len(sets))]
+    for arch, a in report["archs"].items():
+        line = (f"| {arch} | {a['params'] / 1e6:.2f} M | {a['s_per_step']['supervised']:.2f} / "
+                f"{a['s_per_step']['separator']:.2f} | {a['steps']['supervised']} / {a['steps']['separator']} |")
+        for name in sets:
+            for stage in ROWS:
+                line += f" {spread([r[name][ROWS[stage]] for r in a['runs'].get(stage, {}).values()])} |"
+        lines.append(line)
+    mix = {name: report.get("mixture", {}).get(name) for name in sets}
+    lines += ["", "mixture row: " + ", ".join(f"{n} {v:.2f}" for n, v in mix.items() if v is not None)]
+    if report.get("chosen"):
+        lines.append(f"default for this budget (best separator[c+h] on validation): **{report['chosen']}**")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True, help="features (train/validation/test)")
+    ap.add_argument("--transcriptor", required=True, help="transcriptor checkpoint: the weak rows' frozen critic")
+    ap.add_argument("--extra-test", help="a second test set (features of real compositions: wss-ray data scores)")
+    ap.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
+    ap.add_argument("--archs", nargs="+", default=list(CPU_SIZES), choices=list(CPU_SIZES))
+    ap.add_argument("--budget", type=float, default=150.0, help="training seconds per row")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--out", default="bench_backbones")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    manifest = load_manifest(a.data)
+    train_sup = load_split(a.data, "train", with_stems=True)
+    eval_sets = {"validation": (a.data, "validation"), "test": (a.data, "test")}
+    if a.extra_test:
+        eval_sets["real"] = (a.extra_test, "test")
+    report = {"budget_s": a.budget, "seeds": a.seeds, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+              "config": a.config, "data": str(a.data), "transcriptor": a.transcriptor, "eval_sets": list(eval_sets),
+              "archs": {}}
+
+    def save() -> None:
+        (out / "backbones.json").write_text(json.dumps(report, indent=2))
+        (out / "backbones.md").write_text(markdown(report))
+
+    cfgs = {arch: load_config(a.config, [f"models.separator.arch={arch}", *CPU_SIZES[arch]]) for arch in a.archs}
+    # 1. step times, side by side (one batch resident, as gpu_check measures)
+    for arch, cfg in cfgs.items():
+        sps = {}
+        for stage in ROWS:
+            parent = a.transcriptor if stage == "separator" else None
+            sps[stage] = step_speed(stage, cfg, manifest, train_sup, parent, torch.device("cpu"),
+                                    steps=6, warmup=2)["ms_per_step"] / 1000
+        report["archs"][arch] = {"params": n_params(cfg, manifest), "sizes": CPU_SIZES[arch], "s_per_step": sps,
+                                 "steps": {s: max(10, int(a.budget / sps[s])) for s in ROWS}, "runs": {}}
+        print(f"[bench_backbones] {arch}: {report['archs'][arch]['params'] / 1e6:.2f} M params, "
+              f"{sps['supervised']:.2f} s/step supervised, {sps['separator']:.2f} s/step separator", flush=True)
+    save()
+    # 2. train each row for its steps, evaluate the last checkpoint
+    for arch, cfg0 in cfgs.items():
+        info = report["archs"][arch]
+        for seed in a.seeds:
+            ckpts = {}
+            for stage in ROWS:
+                cfg = copy.deepcopy(cfg0)
+                cfg.seed = seed
+                st = cfg.stages[stage]
+                st.steps = st.checkpoint_every = info["steps"][stage]
+                st.val_batches = 2
+                t0 = time.time()
+                ckpts[stage] = train_local(stage, cfg, a.data, out / "runs" / arch / f"seed{seed}" / stage,
+                                           parent=a.transcriptor if stage == "separator" else None, log=None)
+                info.setdefault("train_s", {}).setdefault(stage, []).append(time.time() - t0)
+                print(f"[bench_backbones] {arch} seed {seed} {stage}: {st.steps} steps in {time.time() - t0:.0f} s",
+                      flush=True)
+            for name, (data, split) in eval_sets.items():
+                rows = evaluate([str(ckpts[s]) for s in ROWS], data, out / "eval" / arch / f"seed{seed}" / name,
+                                split=split, log=lambda *_: None)
+                avg = averages(rows)
+                report.setdefault("mixture", {})[name] = avg.get("mixture")
+                for stage, system in ROWS.items():
+                    info["runs"].setdefault(stage, {}).setdefault(str(seed), {})[name] = {system: avg.get(system)}
+                print(f"[bench_backbones] {arch} seed {seed} {name}: "
+                      + ", ".join(f"{ROWS[s]} {avg.get(ROWS[s], float('nan')):.2f}" for s in ROWS), flush=True)
+            save()
+    weak = {arch: np.mean([r["validation"]["separator[c+h]"] for r in info["runs"]["separator"].values()])
+            for arch, info in report["archs"].items() if info["runs"].get("separator")}
+    report["chosen"] = max(weak, key=weak.get) if weak else None
+    save()
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Separator backbones chosen by ``models.separator.arch``: each one's shapes and output
+contract, every stage trained with it (plain loop, and one through Ray Train), its checkpoints
+rebuilt by ``separate`` and scored by ``evaluate`` unchanged."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from wss_ray.config import ConfigError, load_config
+from wss_ray.dsp import STFT
+from wss_ray.models import MaskSeparator, TasNetSeparator, UNetSeparator, UnmixSeparator
+from wss_ray.separation import estimate
+
+ARCHS = ("blstm", "umx", "unet", "convtasnet")
+STAGES = [("transcriptor", None), ("classifier", None), ("supervised", None), ("separator", "transcriptor"),
+          ("baseline", "classifier"), ("finetune", "separator")]
+
+
+def tiny_cfg(small_cfg, arch: str):
+    cfg = copy.deepcopy(small_cfg)
+    sep = cfg.models.separator
+    sep.arch = arch
+    sep.umx.hidden = 16
+    sep.unet.channels, sep.unet.depth = 4, 3
+    t = sep.convtasnet
+    t.enc_feats, t.bottleneck, t.hidden, t.layers, t.stacks = 16, 8, 16, 2, 1
+    return cfg
+
+
+@pytest.mark.parametrize("f,n", [(513, 129), (257, 37), (65, 7)])
+def test_mask_backbones_give_one_mask_per_source_for_any_spectrogram_size(f, n):
+    torch.manual_seed(0)
+    mag = torch.rand(2, f, n) * 10
+    for model in (MaskSeparator(f, 3, hidden=8, layers=1),
+                  UnmixSeparator(f, 3, sample_rate=16000, n_fft=2 * (f - 1), hidden=8, layers=3),
+                  UNetSeparator(f, 3, channels=4, depth=3)):
+        m = model.eval()(mag)
+        assert m.shape == (2, 3, f, n), type(model).__name__
+        assert torch.isfinite(m).all() and (m >= 0).all()
+        if not isinstance(model, UnmixSeparator):   # Open-Unmix's ReLU mask is not bounded by 1
+            assert (m <= 1).all()
+
+
+def test_open_unmix_is_the_reference_with_its_bandwidth_limit():
+    from openunmix.model import OpenUnmix
+
+    m = UnmixSeparator(513, 3, sample_rate=44100, n_fft=1024, hidden=16, layers=3, bandwidth=8000)
+    assert len(m.targets) == 3 and all(isinstance(t, OpenUnmix) for t in m.targets)
+    # 8 kHz of 22.05: the input layer reads the 186 bins at or below it (bin 185 = 7967 Hz), every
+    # bin gets a mask
+    t = m.targets[0]
+    assert t.nb_bins == 186 and t.nb_output_bins == 513 and t.fc1.in_features == 186
+    assert t.lstm.num_layers == 3 and t.lstm.bidirectional
+    # per-bin input and output scaling are learned
+    names = {n for n, p in t.named_parameters() if p.requires_grad}
+    assert {"input_mean", "input_scale", "output_scale", "output_mean"} <= names
+    # its mask times |X| is exactly what the reference module returns
+    mag = torch.rand(2, 513, 9) + 0.1
+    m.eval()
+    ref = torch.stack([tt(mag[:, None])[:, 0] for tt in m.targets], dim=1)
+    torch.testing.assert_close(m(mag) * mag[:, None], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_waveform_backbone_sums_to_the_mixture_when_asked_and_the_losses_see_its_stft():
+    torch.manual_seed(0)
+    stft = STFT(512, 128)
+    mix = torch.randn(3, 4000) * 0.3
+    kw = dict(enc_kernel=16, enc_feats=16, bottleneck=8, hidden=16, layers=2, stacks=1)
+    consistent = TasNetSeparator(3, consistent=True, **kw).eval()
+    est = estimate(consistent, mix, stft)
+    assert est.waves.shape == (3, 3, 4000) and est.masks is None
+    torch.testing.assert_close(est.waves.sum(dim=1), mix, atol=1e-5, rtol=0)
+    # the score losses read |STFT(ŝ_k)|, on the mixture's frame grid
+    assert est.mag.shape == (3, 3, 257, stft.n_frames(4000))
+    torch.testing.assert_close(est.mag, stft(est.waves).abs())
+    # inference returns the waveforms themselves (no round trip through masks)
+    assert torch.equal(est.waveforms(stft, 4000), est.waves)
+    # without the projection nothing ties the sum to the mixture
+    free = estimate(TasNetSeparator(3, consistent=False, **kw).eval(), mix, stft)
+    assert (free.waves.sum(dim=1) - mix).abs().max() > 1e-2
+    # the estimates scale with the mixture (level normalised inside)
+    loud = estimate(consistent, 4 * mix, stft)
+    torch.testing.assert_close(loud.waves, 4 * est.waves, atol=1e-4, rtol=1e-4)
+
+
+def test_the_config_names_the_backbone_and_refuses_what_it_cannot_build():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "smoke.yaml",
+                      ["models.separator.arch=unet", "models.separator.unet.depth=4"])
+    assert cfg.models.separator.arch == "unet" and cfg.models.separator.unet.depth == 4
+    with pytest.raises(ConfigError, match=r"models\.separator\.arch"):
+        load_config(None, ["models.separator.arch=demucs"])
+    with pytest.raises(ConfigError, match=r"models\.separator\.convtasnet\.enc_kernel"):
+        load_config(None, ["models.separator.convtasnet.enc_kernel=15"])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_stage_trains_with_each_backbone_and_its_checkpoints_separate(arch, features, small_cfg, tmp_path):
+    from wss_ray.checkpoint import read_meta
+    from wss_ray.separate import Separator
+    from wss_ray.stages.runner import train_local
+
+    cfg = tiny_cfg(small_cfg, arch)
+    for s in cfg.stages.values():
+        s.steps, s.checkpoint_every, s.batch_size = 2, 1, 4
+    ckpt = {}
+    for stage, parent in STAGES:
+        ckpt[stage] = train_local(stage, cfg, features, tmp_path / stage, parent=ckpt.get(parent), log=None)
+        meta = read_meta(ckpt[stage])
+        assert np.isfinite(meta["metrics"]["loss"]), (arch, stage)
+    cls = {"blstm": "MaskSeparator", "umx": "UnmixSeparator", "unet": "UNetSeparator",
+           "convtasnet": "TasNetSeparator"}[arch]
+    song = np.random.default_rng(0).normal(0, 0.1, 16000 * 3).astype(np.float32)
+    for stage in ("supervised", "separator", "baseline", "finetune"):
+        sep = Separator.from_checkpoint(ckpt[stage])
+        assert type(sep.separator).__name__ == cls
+        out = sep.separate(song, 16000, chunk_seconds=1.0)
+        assert set(out) == {"piano", "guitar", "bass", "residual"}
+        for x in out.values():
+            assert x.shape == song.shape and torch.isfinite(x).all()
+    # evaluate scores its checkpoints unchanged (one row per system)
+    from wss_ray.evaluate import evaluate
+
+    rows = evaluate([str(ckpt["separator"]), str(ckpt["supervised"])], features, tmp_path / "eval", split="test",
+                    log=lambda *_: None)
+    assert {"separator[c+h]", "supervised"} <= {r["system"] for r in rows}
+    if arch == "convtasnet":
+        # the waveform backbone through Ray Train (DDP-wrapped, 2 workers)
+        from wss_ray.stages.runner import train_stage
+
+        final = train_stage("separator", cfg, features, out=tmp_path / "ray_sep", parent=str(ckpt["transcriptor"]),
+                            log=lambda *_: None)
+        assert type(Separator.from_checkpoint(final).separator).__name__ == cls

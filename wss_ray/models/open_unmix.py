@@ -1,0 +1,33 @@
+"""Open-Unmix (Stöter et al., JOSS 2019) as a score-supervised separator: the reference
+implementation from the ``openunmix`` package, one network per instrument as in the reference
+(input mean/scale and output scale/mean learned per bin, a bandwidth limit on the input bins,
+fc → BN → tanh, a 3-layer BLSTM with the skip connection, two fc → BN stages, ReLU mask)."""
+from __future__ import annotations
+
+import torch
+from openunmix.model import OpenUnmix
+from openunmix.utils import bandwidth_to_max_bin
+from torch import nn
+
+
+class UnmixSeparator(nn.Module):
+    """|X| (B, F, N) -> masks M (B, K, F, N) >= 0 (the reference's ReLU mask, not bounded by 1)."""
+
+    domain = "mask"
+
+    def __init__(self, n_bins: int, n_sources: int, sample_rate: int, n_fft: int, hidden: int = 512,
+                 layers: int = 3, bandwidth: float = 16000.0):
+        super().__init__()
+        self.n_bins, self.n_sources = n_bins, n_sources
+        # the reference's bandwidth limit: bins above ``bandwidth`` Hz are not read (every bin
+        # when it is above Nyquist); every bin still gets a mask
+        max_bin = min(int(bandwidth_to_max_bin(sample_rate, n_fft, bandwidth)), n_bins)
+        self.targets = nn.ModuleList(OpenUnmix(nb_bins=n_bins, nb_channels=1, hidden_size=hidden,
+                                               nb_layers=layers, max_bin=max_bin) for _ in range(n_sources))
+
+    def forward(self, mag: torch.Tensor) -> torch.Tensor:
+        x = mag[:, None]                                             # (B, 1, F, N): mono
+        # the reference returns relu(z) ⊙ |X| with |X| detached; its mask is that over |X|
+        # (clamped: 0/0 would give NaN gradients where the mixture is digital silence)
+        den = mag.clamp_min(1e-8)
+        return torch.stack([(t(x)[:, 0] / den) * (mag > 1e-8) for t in self.targets], dim=1)

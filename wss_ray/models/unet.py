@@ -1,0 +1,55 @@
+"""A Spleeter-style U-Net (Hennequin et al., JOSS 2020) over the magnitude spectrogram:
+strided 5×5 2-D convolutions (BN, leaky ReLU 0.2) down, transposed 5×5 convolutions (ReLU, BN,
+dropout 0.5 on the three deepest) up, skip connections by concatenation, a dilated 4×4
+convolution to sigmoid masks. One network with a mask per instrument (Spleeter trains one
+U-Net per instrument; sharing it keeps the CPU step affordable)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wss_ray.dsp import log_magnitude
+
+
+class UNetSeparator(nn.Module):
+    """|X| (B, F, N) -> masks M (B, K, F, N) in [0, 1]."""
+
+    domain = "mask"
+
+    def __init__(self, n_bins: int, n_sources: int, channels: int = 16, depth: int = 6, dropout: float = 0.5):
+        super().__init__()
+        self.n_bins, self.n_sources, self.depth = n_bins, n_sources, depth
+        widths = [1] + [channels * 2 ** i for i in range(depth)]
+        self.down = nn.ModuleList(nn.Sequential(nn.Conv2d(widths[i], widths[i + 1], 5, stride=2, padding=2),
+                                                nn.BatchNorm2d(widths[i + 1]), nn.LeakyReLU(0.2))
+                                  for i in range(depth))
+        self.up = nn.ModuleList()
+        for i in reversed(range(depth)):
+            # input: the deepest code, or the previous up layer concatenated with its skip
+            cin = widths[i + 1] if i == depth - 1 else 2 * widths[i + 1]
+            cout = widths[i] if i > 0 else channels
+            layers = [nn.ConvTranspose2d(cin, cout, 5, stride=2, padding=2, output_padding=1), nn.ReLU(),
+                      nn.BatchNorm2d(cout)]
+            if i >= depth - 3 and dropout:
+                layers.append(nn.Dropout(dropout))
+            self.up.append(nn.Sequential(*layers))
+        self.out = nn.Conv2d(channels, n_sources, 4, dilation=2, padding=3)
+
+    def forward(self, mag: torch.Tensor) -> torch.Tensor:
+        b, f, n = mag.shape
+        x = log_magnitude(mag)
+        # per-example standardisation: the mask must not depend on the recording level
+        x = (x - x.mean(dim=(1, 2), keepdim=True)) / (x.std(dim=(1, 2), keepdim=True) + 1e-5)
+        # both axes padded to a multiple of 2^depth (Spleeter crops to 1024 bins instead; here
+        # every bin is kept), cropped back at the end
+        step = 2 ** self.depth
+        x = F.pad(x, (0, -n % step, 0, -f % step))[:, None]
+        skips = []
+        for layer in self.down:
+            x = layer(x)
+            skips.append(x)
+        skips.pop()
+        for i, layer in enumerate(self.up):
+            x = layer(x if i == 0 else torch.cat([x, skips.pop()], dim=1))
+        return torch.sigmoid(self.out(x))[:, :, :f, :n]

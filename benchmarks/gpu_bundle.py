@@ -26,7 +26,9 @@ from wss_ray.data.synth import synthesize_corpus
 
 # what the reader, the MIDI parser and the transcription metric import, and theirs
 WHEELS = ("soundfile", "cffi", "pycparser", "pretty_midi", "mido", "packaging", "six", "importlib_resources",
-          "mir_eval", "decorator")
+          "mir_eval", "decorator",
+          # wss_ray.models imports the Open-Unmix backbone's reference implementation (and its tqdm)
+          "openunmix", "tqdm")
 
 
 def to_vorbis(corpus: Path, quality: float = 0.4) -> tuple[int, int]:

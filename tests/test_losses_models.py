@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from wss_ray import losses as L
@@ -169,3 +170,35 @@ def test_learning_rate_schedules():
     for step, want in ((0, 0.01), (50, 0.005), (100, 0.0)):
         set_learning_rates({"o": opt}, "cosine", step, 100)
         assert math.isclose(opt.param_groups[0]["lr"], want, abs_tol=1e-12)
+
+
+def test_boundary_tolerance_leaves_only_the_frames_around_onsets_and_offsets_unjudged():
+    from wss_ray.losses import bce, boundary_weights, dilate_time, separation_transcription_loss
+
+    roll = torch.zeros(1, 1, 1, 12)
+    roll[..., 4:8] = 1                                   # a note over frames 4..7
+    w = boundary_weights(roll, 1)
+    # onset between frames 3|4, offset between 7|8: frames 3, 4 and 7, 8 are unjudged
+    assert w.flatten().tolist() == [1, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 1]
+    assert dilate_time(roll, 1).flatten().tolist() == [0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0]
+    assert torch.equal(boundary_weights(roll, 0), torch.ones_like(roll))
+    # a transcription wrong only at the unjudged frames costs what a perfect one does
+    perfect = (roll * 2 - 1) * 20
+    late = perfect.clone()
+    late[..., 4] = -20                                   # the note found one frame late
+    assert bce(late, roll, tolerance=1) == pytest.approx(float(bce(perfect, roll, tolerance=1)), abs=1e-6)
+    assert bce(late, roll) > bce(perfect, roll) + 0.5
+    # ...and one wrong away from the boundaries still costs
+    far = perfect.clone()
+    far[..., 0] = 20
+    assert bce(far, roll, tolerance=1) > bce(perfect, roll, tolerance=1) + 0.5
+    # through L_tr: the same with the (B·K) separated-source targets
+    y = torch.zeros(1, 2, 3, 12)
+    y[0, 0, 1, 4:8] = 1
+    logits = {"roll": (torch.stack([y[0], torch.zeros_like(y[0])]) * 2 - 1) * 20}
+    logits["roll"][0, 0, 1, 4] = -20
+    logits["inst"] = logits["roll"].amax(dim=2)
+    logits["pitch"] = logits["roll"].amax(dim=1)
+    exact = separation_transcription_loss(logits, y, tolerance=0)
+    tolerant = separation_transcription_loss(logits, y, tolerance=1)
+    assert tolerant < 1e-6 < exact

@@ -249,6 +249,10 @@ class SeparatorSettings(_Transcribes):
     lambda_tr: NonNeg = 1.0
     lambda_c: NonNeg = 1.0
     lambda_h: NonNeg = 1.0
+    # [ours] frames around each note's onset and offset where L_tr does not judge and the
+    # harmonic masks also allow the note (0: the paper). For scores aligned to the audio
+    # (featurize --align), whose boundaries may be a few frames off
+    boundary_frames: Annotated[int, Field(ge=0, le=50)] = 0
 
     @field_validator("masks")
     @classmethod

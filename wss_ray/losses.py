@@ -7,20 +7,45 @@ import torch
 import torch.nn.functional as F
 
 
-def bce(logits: torch.Tensor, target: torch.Tensor, pos_weight: float = 1.0) -> torch.Tensor:
-    """Mean BCE on logits; ``pos_weight`` w scales the positive term: −[w·y log σ(z) + (1−y) log(1−σ(z))]."""
+def bce(logits: torch.Tensor, target: torch.Tensor, pos_weight: float = 1.0, tolerance: int = 0) -> torch.Tensor:
+    """Mean BCE on logits; ``pos_weight`` w scales the positive term: −[w·y log σ(z) + (1−y) log(1−σ(z))].
+    ``tolerance`` d > 0: cells within d frames of a change of the target along its last (time)
+    axis are not judged (weighted mean over the others; see :func:`boundary_weights`)."""
     pw = None if pos_weight == 1.0 else torch.tensor(pos_weight, device=logits.device)
-    return F.binary_cross_entropy_with_logits(logits.float(), target.float(), pos_weight=pw)
+    if not tolerance:
+        return F.binary_cross_entropy_with_logits(logits.float(), target.float(), pos_weight=pw)
+    w = boundary_weights(target, tolerance)
+    cells = F.binary_cross_entropy_with_logits(logits.float(), target.float(), pos_weight=pw, reduction="none")
+    return (w * cells).sum() / w.sum().clamp_min(1.0)
 
 
-def transcription_loss(out: dict[str, torch.Tensor], roll: torch.Tensor, pos_weight: float = 1.0) -> torch.Tensor:
+def dilate_time(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """max over a window of ±``frames`` along the last axis (a note extended at both ends)."""
+    if not frames:
+        return x
+    flat = x.float().reshape(-1, 1, x.shape[-1])
+    return F.max_pool1d(flat, 2 * frames + 1, stride=1, padding=frames).reshape(x.shape).to(x.dtype)
+
+
+def boundary_weights(target: torch.Tensor, frames: int) -> torch.Tensor:
+    """1 where a {0, 1} target is constant within ±``frames`` along its last axis, else 0: the
+    cells around each onset and offset, where a score aligned to the audio (``featurize
+    --align``) may be a few frames off, are left out of the loss [ours]."""
+    on = dilate_time(target.float(), frames)
+    off = 1.0 - dilate_time(1.0 - target.float(), frames)
+    return 1.0 - (on - off)
+
+
+def transcription_loss(out: dict[str, torch.Tensor], roll: torch.Tensor, pos_weight: float = 1.0,
+                       tolerance: int = 0) -> torch.Tensor:
     """L_T = BCE(Z, Y) + BCE(inst, max_p Y) + BCE(pitch, max_k Y).
 
     out: roll (B, K, P, N), inst (B, K, N), pitch (B, P, N) logits; roll: Y (B, K, P, N) in {0, 1}.
     pos_weight > 1 [ours, default 1] counters the sparsity of piano rolls (a few % of cells on).
+    tolerance [ours, default 0]: frames around each target's onsets and offsets left unjudged.
     """
-    return (bce(out["roll"], roll, pos_weight) + bce(out["inst"], roll.amax(dim=2), pos_weight)
-            + bce(out["pitch"], roll.amax(dim=1), pos_weight))
+    return (bce(out["roll"], roll, pos_weight, tolerance) + bce(out["inst"], roll.amax(dim=2), pos_weight, tolerance)
+            + bce(out["pitch"], roll.amax(dim=1), pos_weight, tolerance))
 
 
 def own_channel_targets(roll: torch.Tensor) -> torch.Tensor:
@@ -30,7 +55,8 @@ def own_channel_targets(roll: torch.Tensor) -> torch.Tensor:
     return eye[None, :, :, None, None] * roll[:, None]
 
 
-def separation_transcription_loss(out: dict[str, torch.Tensor], roll: torch.Tensor, pos_weight: float = 1.0) -> torch.Tensor:
+def separation_transcription_loss(out: dict[str, torch.Tensor], roll: torch.Tensor, pos_weight: float = 1.0,
+                                  tolerance: int = 0) -> torch.Tensor:
     """L_tr = (1/K) Σ_k L_T(T(Ŝ_k), Y^(k)): separated source k transcribes to instrument k's
     notes and nothing else.
 
@@ -38,7 +64,7 @@ def separation_transcription_loss(out: dict[str, torch.Tensor], roll: torch.Tens
     """
     b, k, p, n = roll.shape
     target = own_channel_targets(roll).reshape(b * k, k, p, n)
-    return transcription_loss(out, target, pos_weight)
+    return transcription_loss(out, target, pos_weight, tolerance)
 
 
 def leakage_transcription_loss(out: dict[str, torch.Tensor], roll: torch.Tensor, pos_weight: float = 1.0) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from wss_ray.losses import clip_mixture_loss, harmonic_mixture_loss, separation_transcription_loss
+from wss_ray.losses import clip_mixture_loss, dilate_time, harmonic_mixture_loss, separation_transcription_loss
 from wss_ray.stages.base import COMMON_TUNABLE, Recipe, StepContext, flat_sources, freeze
 
 
@@ -13,13 +13,13 @@ def separator_terms(batch, mag, est, t_out, ctx: StepContext) -> dict:
 
     mag |X| (B, F, N), est Ŝ (B, K, F, N), t_out: T's logits on the flattened Ŝ."""
     s = ctx.stage
-    terms = {"tr": separation_transcription_loss(t_out, batch["roll"], s.pos_weight)}
+    terms = {"tr": separation_transcription_loss(t_out, batch["roll"], s.pos_weight, s.boundary_frames)}
     total = s.lambda_tr * terms["tr"]
     if "c" in s.masks:
         terms["c_mix"] = clip_mixture_loss(mag, est, batch["active"])
         total = total + s.lambda_c * terms["c_mix"]
     if "h" in s.masks:
-        terms["h_mix"] = harmonic_mixture_loss(mag, est, ctx.harmonic(batch["roll"]))
+        terms["h_mix"] = harmonic_mixture_loss(mag, est, ctx.harmonic(dilate_time(batch["roll"], s.boundary_frames)))
         total = total + s.lambda_h * terms["h_mix"]
     terms["loss"] = total
     return terms
@@ -61,7 +61,8 @@ class SeparatorRecipe(ScoreValidated, Recipe):
     name = "separator"
     parents = ("transcriptor",)
     trainable = ("separator",)
-    tunable = COMMON_TUNABLE | {"pos_weight", "masks", "lambda_tr", "lambda_c", "lambda_h"}
+    tunable = COMMON_TUNABLE | {"pos_weight", "masks", "lambda_tr", "lambda_c", "lambda_h",
+                                "boundary_frames"}
     creates = "separator"
 
     def variant(self, stage):

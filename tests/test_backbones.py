@@ -57,11 +57,16 @@ def test_open_unmix_is_the_reference_with_its_bandwidth_limit():
     # per-bin input and output scaling are learned
     names = {n for n, p in t.named_parameters() if p.requires_grad}
     assert {"input_mean", "input_scale", "output_scale", "output_mean"} <= names
-    # its mask times |X| is exactly what the reference module returns
+    # its mask times the input is exactly what the reference module returns on that input (|X|
+    # over its mean), and the mask does not depend on the recording's level
     mag = torch.rand(2, 513, 9) + 0.1
     m.eval()
-    ref = torch.stack([tt(mag[:, None])[:, 0] for tt in m.targets], dim=1)
-    torch.testing.assert_close(m(mag) * mag[:, None], ref, rtol=1e-5, atol=1e-6)
+    x = mag / mag.mean(dim=(1, 2), keepdim=True)
+    ref = torch.stack([tt(x[:, None])[:, 0] for tt in m.targets], dim=1)
+    torch.testing.assert_close(m(mag) * x[:, None], ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m(0.01 * mag), m(mag), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"models\.separator\.umx\.hidden: 15"):
+        load_config(None, ["models.separator.umx.hidden=15"])
 
 
 def test_waveform_backbone_sums_to_the_mixture_when_asked_and_the_losses_see_its_stft():
@@ -69,6 +74,7 @@ def test_waveform_backbone_sums_to_the_mixture_when_asked_and_the_losses_see_its
     stft = STFT(512, 128)
     mix = torch.randn(3, 4000) * 0.3
     kw = dict(enc_kernel=16, enc_feats=16, bottleneck=8, hidden=16, layers=2, stacks=1)
+    assert not hasattr(load_config(None).models.separator.convtasnet, "kernel")   # torchaudio's padding needs 3
     consistent = TasNetSeparator(3, consistent=True, **kw).eval()
     est = estimate(consistent, mix, stft)
     assert est.waves.shape == (3, 3, 4000) and est.masks is None

@@ -161,6 +161,12 @@ class UnmixConfig(Section):
     layers: PosInt = 3
     bandwidth: Pos = 16000.0
 
+    @model_validator(mode="after")
+    def _even(self) -> "UnmixConfig":
+        if self.hidden % 2:
+            raise _Field("hidden", f"{self.hidden}: each direction of the BLSTM is hidden/2 wide, so it must be even")
+        return self
+
 
 class UNetConfig(Section):
     """Spleeter-style U-Net: first layer's channels (doubled per level), levels, decoder dropout."""
@@ -170,11 +176,11 @@ class UNetConfig(Section):
 
 
 class TasNetConfig(Section):
-    """Conv-TasNet (torchaudio's): encoder kernel/filters (L, N), TCN kernel (P), bottleneck (B),
-    hidden (H), blocks per stack (X), stacks (R); mixture-consistent outputs."""
+    """Conv-TasNet (torchaudio's): encoder kernel/filters (L, N), bottleneck (B), hidden (H),
+    blocks per stack (X), stacks (R); mixture-consistent outputs. The TCN's kernel is 3
+    (torchaudio's padding assumes it)."""
     enc_kernel: Annotated[int, Field(ge=2)] = 16
     enc_feats: PosInt = 512
-    kernel: PosInt = 3
     bottleneck: PosInt = 128
     hidden: PosInt = 512
     layers: PosInt = 8
@@ -190,7 +196,8 @@ class TasNetConfig(Section):
 
 class SeparatorModelConfig(Section):
     # the backbone: "blstm" (this project's small default, sized by hidden/layers/dropout
-    # below), "umx" (Open-Unmix), "unet" (Spleeter-style U-Net), "convtasnet" (waveform)
+    # below), "umx" (Open-Unmix), "unet" (Spleeter-style U-Net), "convtasnet" (waveform); each
+    # reads only its own sizes (hidden/layers/dropout: the BLSTM's; umx/unet/convtasnet sections)
     arch: Literal["blstm", "umx", "unet", "convtasnet"] = "blstm"
     hidden: PosInt = 128
     layers: PosInt = 2

@@ -149,6 +149,13 @@ def supervised_loss(est_mag: torch.Tensor, ref_mag: torch.Tensor) -> torch.Tenso
     return (est_mag - ref_mag).abs().mean()
 
 
+def supervised_spectrum_loss(est_spec: torch.Tensor, ref_spec: torch.Tensor) -> torch.Tensor:
+    """Upper bound of a waveform backbone [ours]: ‖ STFT(ŝ_k) − STFT(s_k) ‖₁ on the complex
+    spectra (B, K, F, N): the magnitude loss leaves such a model's phase free, and its estimates
+    are scored as they come out. For a mask backbone (the mixture's phase) it is not used."""
+    return (est_spec - ref_spec).abs().mean()
+
+
 def si_sdr(estimate: torch.Tensor, reference: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Scale-invariant SDR in dB (Le Roux et al. 2019), over the last axis, means removed.
 

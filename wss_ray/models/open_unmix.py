@@ -1,7 +1,13 @@
 """Open-Unmix (Stöter et al., JOSS 2019) as a score-supervised separator: the reference
 implementation from the ``openunmix`` package, one network per instrument as in the reference
 (input mean/scale and output scale/mean learned per bin, a bandwidth limit on the input bins,
-fc → BN → tanh, a 3-layer BLSTM with the skip connection, two fc → BN stages, ReLU mask)."""
+fc → BN → tanh, a 3-layer BLSTM with the skip connection, two fc → BN stages, ReLU mask).
+
+Two departures: the per-bin input statistics start at 0 / 1 and are learned (the reference
+initialises them from the training set's), and each example's |X| is divided by its mean
+before the network (the reference trains with random gains instead), so the masks do not
+depend on the recording's level: BatchNorm's running statistics would otherwise tie them to the
+training corpus's loudness."""
 from __future__ import annotations
 
 import torch
@@ -26,8 +32,8 @@ class UnmixSeparator(nn.Module):
                                                nb_layers=layers, max_bin=max_bin) for _ in range(n_sources))
 
     def forward(self, mag: torch.Tensor) -> torch.Tensor:
-        x = mag[:, None]                                             # (B, 1, F, N): mono
-        # the reference returns relu(z) ⊙ |X| with |X| detached; its mask is that over |X|
-        # (clamped: 0/0 would give NaN gradients where the mixture is digital silence)
-        den = mag.clamp_min(1e-8)
-        return torch.stack([(t(x)[:, 0] / den) * (mag > 1e-8) for t in self.targets], dim=1)
+        x = mag / mag.mean(dim=(1, 2), keepdim=True).clamp_min(1e-8)
+        # the reference returns relu(z) ⊙ x with x detached; its mask is that over x (clamped:
+        # 0/0 would give NaN gradients where the mixture is digital silence)
+        den = x.clamp_min(1e-8)
+        return torch.stack([(t(x[:, None])[:, 0] / den) * (x > 1e-8) for t in self.targets], dim=1)

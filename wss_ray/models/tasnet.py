@@ -17,13 +17,12 @@ class TasNetSeparator(nn.Module):
 
     domain = "wave"
 
-    def __init__(self, n_sources: int, enc_kernel: int = 16, enc_feats: int = 128, kernel: int = 3,
-                 bottleneck: int = 64, hidden: int = 128, layers: int = 6, stacks: int = 2,
-                 consistent: bool = True):
+    def __init__(self, n_sources: int, enc_kernel: int = 16, enc_feats: int = 512, bottleneck: int = 128,
+                 hidden: int = 512, layers: int = 8, stacks: int = 3, consistent: bool = True):
         super().__init__()
         self.n_sources, self.consistent = n_sources, consistent
         self.net = ConvTasNet(num_sources=n_sources, enc_kernel_size=enc_kernel, enc_num_feats=enc_feats,
-                              msk_kernel_size=kernel, msk_num_feats=bottleneck, msk_num_hidden_feats=hidden,
+                              msk_kernel_size=3, msk_num_feats=bottleneck, msk_num_hidden_feats=hidden,
                               msk_num_layers=layers, msk_num_stacks=stacks, msk_activate="sigmoid")
 
     def forward(self, mix: torch.Tensor) -> torch.Tensor:

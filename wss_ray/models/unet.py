@@ -1,12 +1,14 @@
-"""A Spleeter-style U-Net (Hennequin et al., JOSS 2020) over the magnitude spectrogram:
-strided 5×5 2-D convolutions (BN, leaky ReLU 0.2) down, transposed 5×5 convolutions (ReLU, BN,
-dropout 0.5 on the three deepest) up, skip connections by concatenation, a dilated 4×4
-convolution to sigmoid masks. One network with a mask per instrument (Spleeter trains one
-U-Net per instrument; sharing it keeps the CPU step affordable)."""
+"""A Spleeter-style U-Net (Hennequin et al., JOSS 2020) over the spectrogram: strided 5×5 2-D
+convolutions (BN, leaky ReLU 0.2) down, transposed 5×5 convolutions (ReLU, BN, dropout 0.5 on
+the three deepest) up, skip connections by concatenation, a dilated 4×4 convolution to sigmoid
+masks. Departures from Spleeter: one network with a mask per instrument (Spleeter trains one
+U-Net per instrument; sharing it keeps the CPU step affordable); the input is the log-magnitude
+standardised per example (Spleeter: the magnitude), so the masks do not depend on the level;
+skips carry each level's activated output (Spleeter: the convolution's, before BN); every bin is
+kept (Spleeter crops to 1024 bins)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from wss_ray.dsp import log_magnitude
@@ -41,15 +43,17 @@ class UNetSeparator(nn.Module):
         x = log_magnitude(mag)
         # per-example standardisation: the mask must not depend on the recording level
         x = (x - x.mean(dim=(1, 2), keepdim=True)) / (x.std(dim=(1, 2), keepdim=True) + 1e-5)
-        # both axes padded to a multiple of 2^depth (Spleeter crops to 1024 bins instead; here
-        # every bin is kept), cropped back at the end
-        step = 2 ** self.depth
-        x = F.pad(x, (0, -n % step, 0, -f % step))[:, None]
-        skips = []
+        # any size: each stride-2 level halves (rounding up); each up level doubles and is cropped
+        # to the size of the level it joins (no padding to a multiple of 2^depth)
+        x = x[:, None]
+        sizes, skips = [x.shape[-2:]], []
         for layer in self.down:
             x = layer(x)
             skips.append(x)
+            sizes.append(x.shape[-2:])
         skips.pop()
         for i, layer in enumerate(self.up):
             x = layer(x if i == 0 else torch.cat([x, skips.pop()], dim=1))
+            fi, ni = sizes[-2 - i]
+            x = x[..., :fi, :ni]
         return torch.sigmoid(self.out(x))[:, :, :f, :n]

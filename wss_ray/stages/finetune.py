@@ -68,8 +68,13 @@ class FinetuneRecipe(ScoreValidated, Recipe):
     def t_losses(self, batch, models, ctx, spec, step=0):
         s, S, T = ctx.stage, models["separator"], models["transcriptor"]
         mag = spec.abs()
+        # the separations T learns from are the separator's as at inference: eval mode (no
+        # dropout, BatchNorm's running statistics left as the S update set them)
+        plain = getattr(S, "module", S)
+        plain.eval()
         with torch.no_grad():
-            est = ctx.separate(getattr(S, "module", S), batch, spec).mag
+            est = ctx.separate(plain, batch, spec).mag
+        plain.train()
         b, k = est.shape[:2]
         inputs, sizes = [mag, flat_sources(est)], [b, b * k]
         if "aml" in s.adversarial:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from wss_ray.losses import si_sdr, supervised_loss
+from wss_ray.losses import si_sdr, supervised_loss, supervised_spectrum_loss
 from wss_ray.stages.base import Recipe, StepContext
 
 
@@ -18,17 +18,21 @@ class SupervisedRecipe(Recipe):
     def build(self, ctx: StepContext):
         return {"separator": ctx.new_separator()}
 
+    @staticmethod
+    def _loss(out, ref: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        if out.waves is not None:   # a waveform backbone: its phase is its own, so it is trained too
+            return supervised_spectrum_loss(out.spectra(ctx.stft), ref)
+        return supervised_loss(out.mag, ref.abs())
+
     def losses(self, batch, models, ctx):
         spec, _ = ctx.mixture(batch)
-        est = ctx.separate(models["separator"], batch, spec).mag
-        return {"loss": supervised_loss(est, ctx.stft(batch["stems"]).abs())}
+        return {"loss": self._loss(ctx.separate(models["separator"], batch, spec), ctx.stft(batch["stems"]), ctx)}
 
     @torch.no_grad()
     def validate(self, batch, models, ctx):
-        spec, mag = ctx.mixture(batch)
+        spec, _ = ctx.mixture(batch)
         out = ctx.separate(models["separator"], batch, spec)
-        est, wave = out.mag, out.waveforms(ctx.stft, batch["mix"].shape[-1])
-        score = si_sdr(wave, batch["stems"])
+        score = si_sdr(out.waveforms(ctx.stft, batch["mix"].shape[-1]), batch["stems"])
         audible = batch["stems"].abs().amax(dim=-1) > 1e-3
-        return {"val_loss": float(supervised_loss(est, ctx.stft(batch["stems"]).abs())),
+        return {"val_loss": float(self._loss(out, ctx.stft(batch["stems"]), ctx)),
                 "val_si_sdr": float(score[audible].mean()) if audible.any() else 0.0}

@@ -57,6 +57,8 @@ def test_open_unmix_is_the_reference_with_its_bandwidth_limit():
     # per-bin input and output scaling are learned
     names = {n for n, p in t.named_parameters() if p.requires_grad}
     assert {"input_mean", "input_scale", "output_scale", "output_mean"} <= names
+    # the K networks start from masks that sum to one (offset 1/K), not K identity masks
+    assert all(torch.allclose(tt.output_mean, torch.full((513,), 1 / 3)) for tt in m.targets)
     # its mask times the input is exactly what the reference module returns on that input (|X|
     # over its mean), and the mask does not depend on the recording's level
     mag = torch.rand(2, 513, 9) + 0.1

@@ -3,11 +3,14 @@ implementation from the ``openunmix`` package, one network per instrument as in 
 (input mean/scale and output scale/mean learned per bin, a bandwidth limit on the input bins,
 fc → BN → tanh, a 3-layer BLSTM with the skip connection, two fc → BN stages, ReLU mask).
 
-Two departures: the per-bin input statistics start at 0 / 1 and are learned (the reference
-initialises them from the training set's), and each example's |X| is divided by its mean
-before the network (the reference trains with random gains instead), so the masks do not
-depend on the recording's level: BatchNorm's running statistics would otherwise tie them to the
-training corpus's loudness."""
+Three departures: the per-bin input statistics start at 0 / 1 and are learned (the reference
+initialises them from the training set's); each example's |X| is divided by its mean before the
+network (the reference trains with random gains instead), so the masks do not depend on the
+recording's level (BatchNorm's running statistics would otherwise tie them to the training
+corpus's loudness); and the output offset starts at 1/K, so the K networks' masks start summing
+to one (the reference's single target starts at the identity mask, 1; K of those explain K
+times the mixture, and Adam moves the offset by about the learning rate per step, so the
+mixture losses spent the whole CPU budget undoing it: BENCHMARKS.md)."""
 from __future__ import annotations
 
 import torch
@@ -30,6 +33,9 @@ class UnmixSeparator(nn.Module):
         max_bin = min(int(bandwidth_to_max_bin(sample_rate, n_fft, bandwidth)), n_bins)
         self.targets = nn.ModuleList(OpenUnmix(nb_bins=n_bins, nb_channels=1, hidden_size=hidden,
                                                nb_layers=layers, max_bin=max_bin) for _ in range(n_sources))
+        with torch.no_grad():
+            for t in self.targets:
+                t.output_mean.fill_(1.0 / n_sources)
 
     def forward(self, mag: torch.Tensor) -> torch.Tensor:
         x = mag / mag.mean(dim=(1, 2), keepdim=True).clamp_min(1e-8)

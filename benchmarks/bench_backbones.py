@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check import step_speed  # noqa: E402
 from wss_ray.config import load_config  # noqa: E402
 from wss_ray.data.dataset import load_manifest, load_split  # noqa: E402
-from wss_ray.evaluate import _avg, evaluate  # noqa: E402
+from wss_ray.evaluate import _avg, _spread, evaluate  # noqa: E402
 from wss_ray.stages.base import StepContext  # noqa: E402
 from wss_ray.stages.runner import train_local  # noqa: E402
 
@@ -59,13 +59,6 @@ def averages(rows: list[dict]) -> dict:
     return {s: _avg(rows, s) for s in dict.fromkeys(r["system"] for r in rows)}
 
 
-def spread(v: list[float]) -> str:
-    v = [x for x in v if x == x]
-    if not v:
-        return "–"
-    return f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
-
-
 def markdown(report: dict) -> str:
     sets = report["eval_sets"]
     lines = [f"Backbones at {report['budget_s']:.0f} s of training per row on {report['machine']} "
@@ -80,7 +73,7 @@ def markdown(report: dict) -> str:
                 f"{a['s_per_step']['separator']:.2f} | {a['steps']['supervised']} / {a['steps']['separator']} |")
         for name in sets:
             for stage in ROWS:
-                line += f" {spread([r[name][ROWS[stage]] for r in a['runs'].get(stage, {}).values()])} |"
+                line += f" {_spread([r[name][ROWS[stage]] for r in a['runs'].get(stage, {}).values()])} |"
         lines.append(line)
     mix = {name: report.get("mixture", {}).get(name) for name in sets}
     lines += ["", "mixture row: " + ", ".join(f"{n} {v:.2f}" for n, v in mix.items() if v is not None)]

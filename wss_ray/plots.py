@@ -131,11 +131,10 @@ def plot_examples(checkpoint: str, data: str | Path, out: str | Path, split: str
                 continue
             i += 1
             est = sep.estimates(mix[None])
-            spec = est.spec
             # a waveform backbone has no masks: its effective mask |STFT(ŝ_k)| / |X|, clipped
-            masks = est.masks if est.masks is not None else (est.mag / spec.abs()[:, None].clamp_min(1e-8)).clamp(0, 1)
+            masks = est.masks if est.masks is not None else (est.mag / est.mix_mag[:, None].clamp_min(1e-8)).clamp(0, 1)
             masks = masks[0].float().cpu().numpy()
-            mag = spec[0].abs().cpu().numpy()
+            mag = est.mix_mag[0].cpu().numpy()
             written.append(plot_masks(mag, masks, m["instruments"], m["sample_rate"], m["hop"],
                                       out / f"example{i:02d}_masks.png", sep.system))
             written.append(plot_score_overlay(mag, roll.numpy(), m["instruments"], m["sample_rate"], m["n_fft"],

@@ -21,6 +21,7 @@ def domain(separator: nn.Module) -> str:
 class Estimates:
     """One separator pass over a batch of mixtures."""
     spec: torch.Tensor                  # mixture STFT X (B, F, N), complex
+    mix_mag: torch.Tensor               # |X| (B, F, N), what the mixture losses compare with
     mag: torch.Tensor                   # separated magnitudes Ŝ (B, K, F, N), what the losses read
     masks: torch.Tensor | None = None   # mask backbones: M (B, K, F, N), Ŝ = M ⊙ |X|
     waves: torch.Tensor | None = None   # waveform backbones: ŝ (B, K, L), Ŝ = |STFT(ŝ)|
@@ -43,9 +44,9 @@ class Estimates:
 def estimate(separator: nn.Module, mix: torch.Tensor, stft: STFT, spec: torch.Tensor | None = None) -> Estimates:
     """Run ``separator`` on mixtures ``mix`` (B, L); ``spec`` = STFT(mix) when the caller has it."""
     spec = stft(mix) if spec is None else spec
+    mag = spec.abs()
     if domain(separator) == "wave":
         waves = separator(mix.float())
-        return Estimates(spec, stft(waves).abs(), waves=waves)
-    mag = spec.abs()
+        return Estimates(spec, mag, stft(waves).abs(), waves=waves)
     masks = separator(mag)
-    return Estimates(spec, masks * mag[:, None], masks=masks)
+    return Estimates(spec, mag, masks * mag[:, None], masks=masks)

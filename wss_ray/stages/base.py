@@ -59,22 +59,21 @@ class StepContext:
     def new_separator(self) -> nn.Module:
         c, m = self.cfg.models.separator, self.manifest
         n_bins = m["n_fft"] // 2 + 1
+        # each backbone's config section names its constructor's size arguments
         if c.arch == "umx":
-            u = c.umx
             return make_model("UnmixSeparator", {"n_bins": n_bins, "n_sources": self.n_sources,
                                                  "sample_rate": m["sample_rate"], "n_fft": m["n_fft"],
-                                                 "hidden": u.hidden, "layers": u.layers, "bandwidth": u.bandwidth})
+                                                 **c.umx.model_dump()})
         if c.arch == "unet":
-            u = c.unet
-            return make_model("UNetSeparator", {"n_bins": n_bins, "n_sources": self.n_sources,
-                                                "channels": u.channels, "depth": u.depth, "dropout": u.dropout})
+            return make_model("UNetSeparator", {"n_bins": n_bins, "n_sources": self.n_sources, **c.unet.model_dump()})
         if c.arch == "convtasnet":
             return make_model("TasNetSeparator", {"n_sources": self.n_sources, **c.convtasnet.model_dump()})
         return make_model("MaskSeparator", {"n_bins": n_bins, "n_sources": self.n_sources, "hidden": c.hidden,
                                             "layers": c.layers, "dropout": c.dropout})
 
     def separate(self, separator: nn.Module, batch: dict, spec: torch.Tensor | None = None) -> Estimates:
-        """The separator's estimates on the batch's mixtures (magnitudes Ŝ for the losses)."""
+        """The separator's estimates on the batch's mixtures (Ŝ and |X| for the losses); ``spec``:
+        the mixtures' STFT when the caller already has it."""
         return estimate(separator, batch["mix"], self.stft, spec)
 
     def _spectro_kwargs(self, c) -> dict:

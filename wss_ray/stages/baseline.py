@@ -22,8 +22,8 @@ class BaselineRecipe(Recipe):
 
     def losses(self, batch, models, ctx):
         s = ctx.stage
-        spec, mag = ctx.mixture(batch)
-        est = ctx.separate(models["separator"], batch, spec).mag
+        out = ctx.separate(models["separator"], batch)
+        mag, est = out.mix_mag, out.mag
         terms = {"cls": classifier_guided_loss(models["classifier"](flat_sources(est))["inst"], batch["roll"]),
                  "c_mix": clip_mixture_loss(mag, est, batch["active"])}
         terms["loss"] = s.lambda_cls * terms["cls"] + s.lambda_c * terms["c_mix"]

@@ -47,8 +47,8 @@ class FinetuneRecipe(ScoreValidated, Recipe):
 
     def s_losses(self, batch, models, ctx, step=0):
         s, S, T = ctx.stage, models["separator"], models["transcriptor"]
-        spec, mag = ctx.mixture(batch)
-        est = ctx.separate(S, batch, spec).mag
+        out = ctx.separate(S, batch)
+        spec, mag, est = out.spec, out.mix_mag, out.mag
         b, k = est.shape[:2]
         inputs, sizes = [flat_sources(est)], [b * k]
         if "aml" in s.adversarial:
@@ -67,14 +67,14 @@ class FinetuneRecipe(ScoreValidated, Recipe):
 
     def t_losses(self, batch, models, ctx, spec, step=0):
         s, S, T = ctx.stage, models["separator"], models["transcriptor"]
-        mag = spec.abs()
         # the separations T learns from are the separator's as at inference: eval mode (no
         # dropout, BatchNorm's running statistics left as the S update set them)
         plain = getattr(S, "module", S)
         plain.eval()
         with torch.no_grad():
-            est = ctx.separate(plain, batch, spec).mag
+            out = ctx.separate(plain, batch, spec)
         plain.train()
+        mag, est = out.mix_mag, out.mag
         b, k = est.shape[:2]
         inputs, sizes = [mag, flat_sources(est)], [b, b * k]
         if "aml" in s.adversarial:

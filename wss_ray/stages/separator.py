@@ -27,8 +27,8 @@ def separator_terms(batch, mag, est, t_out, ctx: StepContext) -> dict:
 
 def separator_objective(batch, models, ctx: StepContext) -> dict:
     """L_S of the batch with the given separator and (critic) transcriptor."""
-    spec, mag = ctx.mixture(batch)
-    est = ctx.separate(models["separator"], batch, spec).mag
+    out = ctx.separate(models["separator"], batch)
+    mag, est = out.mix_mag, out.mag
     return separator_terms(batch, mag, est, models["transcriptor"](flat_sources(est)), ctx)
 
 
@@ -43,8 +43,8 @@ class ScoreValidated:
     @torch.no_grad()
     def validate(self, batch, models, ctx: StepContext) -> dict:
         with ctx.autocast():
-            spec, mag = ctx.mixture(batch)
-            est = ctx.separate(models["separator"], batch, spec).mag
+            out = ctx.separate(models["separator"], batch)
+            mag, est = out.mix_mag, out.mag
             flat = flat_sources(est)
             judged = models[self.critic](flat)
             own = judged if self.critic == "transcriptor" else models["transcriptor"](flat)

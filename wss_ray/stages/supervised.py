@@ -25,13 +25,11 @@ class SupervisedRecipe(Recipe):
         return supervised_loss(out.mag, ref.abs())
 
     def losses(self, batch, models, ctx):
-        spec, _ = ctx.mixture(batch)
-        return {"loss": self._loss(ctx.separate(models["separator"], batch, spec), ctx.stft(batch["stems"]), ctx)}
+        return {"loss": self._loss(ctx.separate(models["separator"], batch), ctx.stft(batch["stems"]), ctx)}
 
     @torch.no_grad()
     def validate(self, batch, models, ctx):
-        spec, _ = ctx.mixture(batch)
-        out = ctx.separate(models["separator"], batch, spec)
+        out = ctx.separate(models["separator"], batch)
         score = si_sdr(out.waveforms(ctx.stft, batch["mix"].shape[-1]), batch["stems"])
         audible = batch["stems"].abs().amax(dim=-1) > 1e-3
         return {"val_loss": float(self._loss(out, ctx.stft(batch["stems"]), ctx)),

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from wss_ray.checkpoint import CheckpointError, read_meta
+from wss_ray.stages.base import cpu_precision
 from wss_ray.stages.runner import train_stage
 
 ROWS = {"mixture", "oracle_irm", "separator[c+h]", "finetune[c+h+aml+atl]", "baseline", "supervised"}
@@ -78,6 +79,7 @@ def test_lineage_metadata(pipeline_out, features):
         assert meta["data_fingerprint"] == fingerprint
         assert meta["config"]["stages"][meta["stage"]]["steps"] == meta["step"]
         assert meta["code_revision"] and meta["instruments"] == ["piano", "guitar", "bass"]
+        assert meta["precision"] == cpu_precision(meta["config"]["ray"]["cpu_precision"])
         if parent:
             assert meta["parents"] == [str((ck / parent / "checkpoint").resolve())]
         else:

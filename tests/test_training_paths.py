@@ -12,9 +12,10 @@ from torch import nn
 
 from wss_ray.checkpoint import load_checkpoint, read_meta
 from wss_ray.data.contract import to_tensors
+from wss_ray.data import dataset as dataset_mod
 from wss_ray.data.dataset import load_manifest, random_windows, weak_dataset
-from wss_ray.models import Transcriptor
-from wss_ray.stages.base import freeze
+from wss_ray.models import MaskSeparator, Transcriptor
+from wss_ray.stages.base import StepContext, cpu_precision, freeze, outside_graph
 from wss_ray.stages.runner import train_local
 
 STAGES = [("transcriptor", None), ("classifier", None), ("supervised", None), ("separator", "transcriptor"),
@@ -49,6 +50,7 @@ def test_every_stage_trains_in_the_plain_loop_under_the_cudnn_rule(features, sma
                                   log=lines.append)
         meta = read_meta(ckpt[stage])
         assert meta["step"] == 2 and meta["stage"] == stage and meta["trained_by"] == "train_local"
+        assert meta["precision"] == cpu_precision(cfg.ray.cpu_precision)
         assert meta["parents"] == ([str(ckpt[parent].resolve())] if parent else [])
         assert np.isfinite(meta["metrics"]["loss"])
     # the GPU check's step timer sets modes as the runner does (a frozen critic in eval mode
@@ -195,3 +197,73 @@ def test_training_refuses_a_config_that_disagrees_with_the_features(features, sm
     assert made_with != 22050
     with pytest.raises(ConfigError, match=f"data.sample_rate: the config says 22050, the features .* {made_with}"):
         train_local("transcriptor", cfg, features, tmp_path / "t")
+
+
+def test_cpu_bf16_runs_convolutions_in_bf16_and_recurrences_in_fp32(small_cfg):
+    import copy
+
+    seen = []
+    sep = MaskSeparator(513, 3, hidden=16, layers=1)
+    t = Transcriptor(16000, 1024, 3, 21, 108, channels=4, hidden=16)
+    for rnn in (sep.blstm, t.trunk.rnn):
+        rnn.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    convs = []
+    t.trunk.conv[0].register_forward_hook(lambda m, args, out: convs.append(out.dtype))
+    mag = torch.rand(2, 513, 20)
+    ref_s, ref_t = sep(mag), t(mag)["roll"]
+    cfg = copy.deepcopy(small_cfg)
+    manifest = {"n_fft": 1024, "hop": 256}
+    for setting, want in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        cfg.ray.cpu_precision = setting
+        ctx = StepContext(cfg, cfg.stages["separator"], manifest, torch.device("cpu"))
+        assert ctx.precision == setting
+        seen.clear(), convs.clear()
+        with ctx.autocast():
+            out_s, out_t = sep(mag), t(mag)["roll"]
+        assert convs == [want]
+        assert seen == [torch.float32, torch.float32]          # recurrences never in bf16
+        # bf16 changes the numbers by rounding only
+        torch.testing.assert_close(out_s.float(), ref_s, atol=0.02, rtol=0)
+        torch.testing.assert_close(out_t.float(), ref_t, atol=0.1, rtol=0.05)
+    caps = torch.cpu.get_capabilities()
+    assert cpu_precision("auto") == ("bf16" if caps.get("amx_bf16") or caps.get("avx512_bf16") else "fp32")
+
+
+def test_a_critic_outside_the_graph_passes_gradients_to_its_input_only():
+    t = Transcriptor(16000, 1024, 3, 21, 108, channels=4, hidden=16)
+    mag = torch.rand(2, 513, 12, requires_grad=True)
+    t(mag)["roll"].sum().backward()
+    want = mag.grad.clone()
+    t.zero_grad(set_to_none=True)
+    mag.grad = None
+    with outside_graph(t) as critic:
+        out = critic(mag)["roll"].sum()
+    assert all(p.requires_grad for p in t.parameters())     # restored for the critic's own update
+    out.backward()
+    assert all(p.grad is None for p in t.parameters())
+    torch.testing.assert_close(mag.grad, want)
+
+
+def test_stages_of_a_pipeline_reuse_the_splits_read_before(features, ray_local, tmp_path):
+    import os
+    import shutil
+
+    def rows(ds):
+        return sorted((r["track"], r["chunk"], r["start"]) for r in ds.take_all())
+
+    a = weak_dataset(features, "train", repeat=3, seed=5, windows=True)
+    held = len(dataset_mod._held)
+    b = weak_dataset(features, "train", repeat=3, seed=5, windows=True)
+    assert len(dataset_mod._held) == held and rows(a) == rows(b)      # read and drawn once
+    weak_dataset(features, "train", repeat=3, seed=6, windows=True)
+    assert len(dataset_mod._held) == held + 1                        # other seed: other windows
+    val = weak_dataset(features, "validation")
+    assert weak_dataset(features, "validation") is val
+    # a rewritten shard is read again
+    copy = tmp_path / "features"
+    shutil.copytree(features, copy)
+    first = weak_dataset(copy, "validation")
+    shard = sorted((copy / "validation" / "features").glob("*.parquet"))[0]
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    assert weak_dataset(copy, "validation") is not first
+    assert rows(weak_dataset(copy, "validation")) == rows(val)

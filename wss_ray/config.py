@@ -351,6 +351,10 @@ class RayConfig(Section):
     # (seeds alone are not enough: blocks otherwise arrive in completion order). Costs some
     # ingest throughput; with several workers the split between them still follows timing.
     preserve_order: bool = False
+    # Training precision on CPU workers: bf16 autocast ("auto": where the CPU computes bf16
+    # natively, AMX or AVX512-BF16) roughly halves the step of the stages whose gradient runs
+    # through the transcriptor's convolutions; recurrences stay fp32. GPUs always use bf16.
+    cpu_precision: Literal["auto", "bf16", "fp32"] = "auto"
 
     @model_validator(mode="after")
     def _sharing(self) -> "RayConfig":

@@ -61,6 +61,35 @@ def feature_files(data_dir: str | Path, split: str) -> list[str]:
 MATERIALIZE_BYTES = 2 << 30
 # Random-offset versions of each chunk drawn once and replayed (see _passes).
 WINDOW_COPIES = 8
+# Materialized splits this driver keeps for the next stage of a pipeline (estimated bytes).
+HELD_BYTES = 2 * MATERIALIZE_BYTES
+_held: dict[tuple, tuple] = {}
+
+
+def _materialized(key: tuple, size: int, make):
+    """``make().materialize()``, or the same dataset materialized earlier by this driver on the
+    same Ray instance. Every stage of a pipeline opens the same splits with the same seed, and
+    reading them (and drawing their windows) again cost 5-15 s of a 2-core machine per stage;
+    the result is the same for the same files (path, size, mtime), options and seeds. The
+    oldest are let go beyond HELD_BYTES; blocks live as long as the dataset is referenced."""
+    import ray
+
+    if not ray.is_initialized():
+        return make().materialize()                     # Ray Data starts an instance of its own
+    ctx = ray.get_runtime_context()
+    key = (ctx.get_node_id(), ctx.get_job_id(), *key)   # object refs die with their Ray instance
+    if key in _held:
+        _held[key] = _held.pop(key)                     # most recently used last
+        return _held[key][0]
+    ds = make().materialize()
+    _held[key] = (ds, size)
+    while sum(v[1] for v in _held.values()) > HELD_BYTES and len(_held) > 1:
+        _held.pop(next(iter(_held)))
+    return ds
+
+
+def _identity(files: list[str]) -> tuple:
+    return tuple((f, (st := Path(f).stat()).st_size, st.st_mtime_ns) for f in files)
 
 
 def weak_dataset(data_dir: str | Path, split: str, repeat: int = 1, seed: int | None = None,
@@ -93,11 +122,16 @@ def _passes(data_dir: str | Path, split: str, repeat: int, seed: int | None, att
                               batch_format="pyarrow") if windows else ds
 
     rng = np.random.default_rng(seed)
-    if repeat <= 1:
-        return windowed(read(files), int(rng.integers(1 << 31)))
     size = sum(Path(f).stat().st_size for f in files) * 3  # parquet (zstd) -> arrow in memory, roughly
     if attach:
         size *= len(manifest["instruments"]) + 1
+    source = (_identity(files), type(attach).__name__, getattr(attach, "data_dir", None))
+    if repeat <= 1:
+        if windows or size >= MATERIALIZE_BYTES:
+            return windowed(read(files), int(rng.integers(1 << 31)))
+        # a validation split: read once, so that every validation pass (and the next stage's)
+        # replays blocks instead of starting read tasks
+        return _materialized(source, size, lambda: read(files))
     copies = max(1, min(WINDOW_COPIES, repeat, MATERIALIZE_BYTES // max(size, 1))) if windows else 1
     if size < MATERIALIZE_BYTES:
         # Read once (stems, if any, attached once) and held in the object store. With windows,
@@ -107,10 +141,15 @@ def _passes(data_dir: str | Path, split: str, repeat: int, seed: int | None, att
         # windows operator per pass instead would put one Ray Data operator per epoch into the
         # stream, and on 2 cores the executor's bookkeeping for ~70 of them cost more than the
         # training step.
-        once = read(files).materialize()
+        once = _materialized(source, size, lambda: read(files))
         if windows:
-            drawn = [windowed(once, int(rng.integers(1 << 31))) for _ in range(copies)]
-            once = (drawn[0].union(*drawn[1:]) if copies > 1 else drawn[0]).materialize()
+            seeds = [int(rng.integers(1 << 31)) for _ in range(copies)]
+
+            def draw():
+                drawn = [windowed(once, w) for w in seeds]
+                return drawn[0].union(*drawn[1:]) if copies > 1 else drawn[0]
+
+            once = _materialized((*source, tuple(seeds)), size * copies, draw)
         passes = [once.randomize_block_order(seed=int(rng.integers(1 << 31)))
                   for _ in range(math.ceil(repeat / copies))]
     else:

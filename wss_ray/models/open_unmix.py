@@ -42,4 +42,12 @@ class UnmixSeparator(nn.Module):
         # the reference returns relu(z) ⊙ x with x detached; its mask is that over x (clamped:
         # 0/0 would give NaN gradients where the mixture is digital silence)
         den = x.clamp_min(1e-8)
+        # the reference's BLSTM sits between its dense layers, so the whole network stays in
+        # fp32 under CPU autocast (see fp32_recurrence)
+        if x.device.type == "cpu":
+            with torch.autocast("cpu", enabled=False):
+                return self._masks(x.float(), den.float())
+        return self._masks(x, den)
+
+    def _masks(self, x: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
         return torch.stack([(t(x[:, None])[:, 0] / den) * (x > 1e-8) for t in self.targets], dim=1)

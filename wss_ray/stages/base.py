@@ -17,6 +17,15 @@ from wss_ray.dsp import STFT
 from wss_ray.separation import Estimates, estimate
 
 
+def cpu_precision(setting: str = "auto") -> str:
+    """"bf16" or "fp32": the precision CPU training runs at for a ``ray.cpu_precision`` value.
+    "auto" takes bf16 only where the CPU computes it natively; emulated bf16 is slower than fp32."""
+    if setting != "auto":
+        return setting
+    caps = torch.cpu.get_capabilities()
+    return "bf16" if caps.get("amx_bf16") or caps.get("avx512_bf16") else "fp32"
+
+
 # every stage's optimisation settings (steps and checkpointing only change how long it runs)
 COMMON_TUNABLE = frozenset({"lr", "lr_schedule", "weight_decay", "grad_clip", "batch_size"})
 
@@ -37,10 +46,17 @@ class StepContext:
     def n_sources(self) -> int:
         return len(self.manifest["instruments"])
 
+    @property
+    def precision(self) -> str:
+        """What the steps compute in ("bf16" or "fp32"), recorded in every checkpoint's meta."""
+        return "bf16" if self.device.type == "cuda" else cpu_precision(self.cfg.ray.cpu_precision)
+
     def autocast(self):
-        # bf16 on GPU; on CPU full precision (CPU bf16 LSTMs are slower, not faster)
+        # bf16 on GPU; on CPU as ray.cpu_precision says (the models keep recurrences in fp32)
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.precision == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def mixture(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,6 +128,24 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return critic_mode(model)
+
+
+@contextlib.contextmanager
+def outside_graph(model: nn.Module):
+    """``model`` (unwrapped from DDP) with its parameters out of the autograd graph for the
+    forwards inside the block: gradients flow through it to its input, none to its weights.
+    For a trained model acting as the critic of another's update (fine-tuning's transcriptor
+    under the separator step): its weight gradients would be discarded anyway, and through
+    DDP they would also start an all-reduce."""
+    plain = getattr(model, "module", model)
+    flags = [p.requires_grad for p in plain.parameters()]
+    for p in plain.parameters():
+        p.requires_grad_(False)
+    try:
+        yield plain
+    finally:
+        for p, f in zip(plain.parameters(), flags):
+            p.requires_grad_(f)
 
 
 def flat_sources(est: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 
 from wss_ray.losses import (aml_separator_loss, aml_transcriptor_loss, leakage_transcription_loss,
                             recomposition, separation_transcription_loss, transcription_loss)
-from wss_ray.stages.base import Recipe, StepContext, apply_update, flat_sources, freeze
+from wss_ray.stages.base import Recipe, StepContext, apply_update, flat_sources, freeze, outside_graph
 from wss_ray.stages.separator import ScoreValidated, SeparatorRecipe, separator_objective, separator_terms
 
 
@@ -55,7 +55,8 @@ class FinetuneRecipe(ScoreValidated, Recipe):
             fake, fake_score = recomposition(est, batch["roll"], self._perms(b, k, mag.device, step))
             inputs.append(fake)
             sizes.append(b)
-        outs = _split(T(torch.cat(inputs)), sizes)
+        with outside_graph(T) as critic:   # S's update: T's weight gradients are not wanted
+            outs = _split(critic(torch.cat(inputs)), sizes)
         # ATL's separator side is L_tr itself: remove what T learns to spot
         terms = separator_terms(batch, mag, est, outs[0], ctx)
         total = terms["loss"]
@@ -104,7 +105,7 @@ class FinetuneRecipe(ScoreValidated, Recipe):
 
     def update(self, batch, models, opts, ctx, step=0):
         clip = ctx.stage.grad_clip
-        # S update: T's gradients are computed (T is DDP-wrapped) but discarded
+        # S update (T out of the graph), then T's
         with ctx.autocast():
             s_terms, spec = self.s_losses(batch, models, ctx, step)
         apply_update(s_terms["loss"], models, opts, ("separator",), clip)

@@ -159,7 +159,7 @@ def _worker(config: dict) -> None:
         models[name] = (ray.train.torch.prepare_model(models[name]) if name in recipe.trainable
                         else models[name].to(device))
     opts = recipe.optimizers(models, ctx)
-    meta = dict(config["meta"])
+    meta = {**config["meta"], "precision": ctx.precision}
     start = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -343,7 +343,7 @@ def train_local(stage: str, cfg: Config, data: str | Path, out: str | Path, pare
     if train.num_rows < s.batch_size:
         raise ValueError(f"{data}: the train split has {train.num_rows} chunks, fewer than batch_size {s.batch_size}")
     val = load_split(data, validation_split(data), with_stems=recipe.needs_stems)
-    meta = stage_meta(stage, cfg, data, manifest, parent_path, {"trained_by": "train_local"})
+    meta = stage_meta(stage, cfg, data, manifest, parent_path, {"trained_by": "train_local", "precision": ctx.precision})
     out = Path(out)
     final = out / CHECKPOINT_DIR
 

@@ -1,0 +1,83 @@
+"""Step time of every stage at fp32 and at bf16 autocast on this CPU, side by side in one run
+(the plain loop on one resident batch per step, one intra-op thread: one Ray worker's share on
+the 2-core demo machine), with each setting's loss after the same steps from the same start.
+
+    python benchmarks/bench_precision.py --data FEATURES [--config configs/demo.yaml] [--steps 12]
+
+Parents come from a quick stage-1/stage-2 run here unless --transcriptor / --separator /
+--classifier name checkpoints (the demo's, say)."""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from wss_ray.checkpoint import load_checkpoint
+from wss_ray.config import load_config
+from wss_ray.data.dataset import iter_local, load_manifest
+from wss_ray.stages import RECIPES
+from wss_ray.stages.base import StepContext, cpu_precision
+from wss_ray.stages.runner import train_local
+
+STAGES = ("transcriptor", "classifier", "supervised", "separator", "baseline", "finetune")
+PARENT = {"separator": "transcriptor", "baseline": "classifier", "finetune": "separator"}
+
+
+def timed(stage, cfg, data, parent, steps, precision):
+    cfg = copy.deepcopy(cfg)
+    cfg.ray.cpu_precision = precision
+    torch.manual_seed(cfg.seed)
+    recipe = RECIPES[stage]
+    ctx = StepContext(cfg, cfg.stages[stage], load_manifest(data), torch.device("cpu"),
+                      load_checkpoint(parent)[0] if parent else None)
+    models = recipe.build(ctx)
+    opts = recipe.optimizers(models, ctx)
+    batches = list(iter_local(data, "train", cfg.stages[stage].batch_size, with_stems=recipe.needs_stems,
+                              drop_last=True, shuffle_seed=0))[:steps + 2]
+    for b in batches[:2]:                       # warm-up (oneDNN picks its kernels)
+        recipe.update(b, models, opts, ctx, 0)
+    t = time.perf_counter()
+    for i, b in enumerate(batches[2:]):
+        terms = recipe.update(b, models, opts, ctx, i + 2)
+    return (time.perf_counter() - t) / (len(batches) - 2), terms["loss"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    for p in ("transcriptor", "classifier", "separator"):
+        ap.add_argument(f"--{p}", help=f"{p} checkpoint to start the stages above it from")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    cfg = load_config(args.config)
+    if cpu_precision("auto") != "bf16":
+        print("note: this CPU has no native bf16 (AMX / AVX512-BF16); 'auto' keeps fp32 here")
+    parents = {p: getattr(args, p) for p in ("transcriptor", "classifier", "separator") if getattr(args, p)}
+    tmp = Path(tempfile.mkdtemp(prefix="wss-bench-precision-"))
+    rows = {}
+    for stage in args.stages:
+        need = PARENT.get(stage)
+        if need and need not in parents:        # a short run only to have a parent of the right shape
+            quick = copy.deepcopy(cfg)
+            quick.stages[need].steps = quick.stages[need].checkpoint_every = 20
+            grand = PARENT.get(need)
+            parents[need] = str(train_local(need, quick, args.data, tmp / need, parent=parents.get(grand), log=None))
+        fp32, loss32 = timed(stage, cfg, args.data, parents.get(need), args.steps, "fp32")
+        bf16, loss16 = timed(stage, cfg, args.data, parents.get(need), args.steps, "bf16")
+        rows[stage] = {"fp32_s_per_step": fp32, "bf16_s_per_step": bf16, "speedup": fp32 / bf16,
+                       "fp32_loss": loss32, "bf16_loss": loss16}
+        print(f"{stage}: fp32 {fp32:.3f} s/step, bf16 {bf16:.3f} s/step (x{fp32 / bf16:.2f}); loss after "
+              f"{args.steps + 2} steps {loss32:.4f} / {loss16:.4f}", flush=True)
+    print(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

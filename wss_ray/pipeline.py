@@ -56,6 +56,7 @@ def prepare_scores(cfg: Config, out: Path, log=print) -> Path | None:
 
 def run_pipeline(cfg: Config, out: str | Path, data: str | Path | None = None, log=print,
                  scores_data: Path | None = None) -> list[dict]:
+    from wss_ray.data.dataset import release_held
     from wss_ray.evaluate import evaluate
 
     t0 = time.time()
@@ -122,6 +123,7 @@ def run_pipeline(cfg: Config, out: str | Path, data: str | Path | None = None, l
         trained["baseline"] = stage("baseline", cfg, trained["classifier"])
     if "supervised" in wanted:
         trained["supervised"] = stage("supervised", cfg)
+    release_held()   # the splits kept for the next stage: evaluation reads its own
 
     # a swept stage contributes its Tune experiment: one row per trial (the paper's ablations)
     evaluated = [sweeps.get(k, str(p)) for k, p in trained.items() if k not in ("transcriptor", "classifier")]

@@ -61,9 +61,11 @@ def feature_files(data_dir: str | Path, split: str) -> list[str]:
 MATERIALIZE_BYTES = 2 << 30
 # Random-offset versions of each chunk drawn once and replayed (see _passes).
 WINDOW_COPIES = 8
-# Materialized splits this driver keeps for the next stage of a pipeline (estimated bytes).
+# Materialized splits this driver keeps for the next stage of a pipeline (estimated bytes;
+# at most half of the object store).
 HELD_BYTES = 2 * MATERIALIZE_BYTES
 _held: dict[tuple, tuple] = {}
+_held_on: tuple | None = None
 
 
 def _materialized(key: tuple, size: int, make):
@@ -72,20 +74,33 @@ def _materialized(key: tuple, size: int, make):
     reading them (and drawing their windows) again cost 5-15 s of a 2-core machine per stage;
     the result is the same for the same files (path, size, mtime), options and seeds. The
     oldest are let go beyond HELD_BYTES; blocks live as long as the dataset is referenced."""
+    global _held_on
     import ray
+    from ray.data import DataContext
 
     if not ray.is_initialized():
         return make().materialize()                     # Ray Data starts an instance of its own
     ctx = ray.get_runtime_context()
-    key = (ctx.get_node_id(), ctx.get_job_id(), *key)   # object refs die with their Ray instance
+    here = (ctx.get_node_id(), ctx.get_job_id())
+    if here != _held_on:                                # object refs die with their Ray instance
+        _held.clear()
+        _held_on = here
+    # block order is part of the result when Ray Data is asked to keep it
+    key = (DataContext.get_current().execution_options.preserve_order, *key)
     if key in _held:
         _held[key] = _held.pop(key)                     # most recently used last
         return _held[key][0]
     ds = make().materialize()
     _held[key] = (ds, size)
-    while sum(v[1] for v in _held.values()) > HELD_BYTES and len(_held) > 1:
+    cap = min(HELD_BYTES, ray.cluster_resources().get("object_store_memory", HELD_BYTES) // 2)
+    while sum(v[1] for v in _held.values()) > cap and len(_held) > 1:
         _held.pop(next(iter(_held)))
     return ds
+
+
+def release_held() -> None:
+    """Let the splits kept for later stages go (the pipeline calls it when training is done)."""
+    _held.clear()
 
 
 def _identity(files: list[str]) -> tuple:
@@ -125,7 +140,10 @@ def _passes(data_dir: str | Path, split: str, repeat: int, seed: int | None, att
     size = sum(Path(f).stat().st_size for f in files) * 3  # parquet (zstd) -> arrow in memory, roughly
     if attach:
         size *= len(manifest["instruments"]) + 1
-    source = (_identity(files), type(attach).__name__, getattr(attach, "data_dir", None))
+    # what the rows are made of: the manifest, the feature shards and, for the supervised
+    # split, the stem shards attached to them
+    source = (manifest["fingerprint"], _identity(files),
+              _identity(_shards(data_dir, split, STEMS)) if attach else None)
     if repeat <= 1:
         if windows or size >= MATERIALIZE_BYTES:
             return windowed(read(files), int(rng.integers(1 << 31)))
@@ -141,15 +159,18 @@ def _passes(data_dir: str | Path, split: str, repeat: int, seed: int | None, att
         # windows operator per pass instead would put one Ray Data operator per epoch into the
         # stream, and on 2 cores the executor's bookkeeping for ~70 of them cost more than the
         # training step.
-        once = _materialized(source, size, lambda: read(files))
         if windows:
             seeds = [int(rng.integers(1 << 31)) for _ in range(copies)]
 
             def draw():
-                drawn = [windowed(once, w) for w in seeds]
+                # the split read once for all copies; only the drawn copies are kept
+                base = read(files).materialize()
+                drawn = [windowed(base, w) for w in seeds]
                 return drawn[0].union(*drawn[1:]) if copies > 1 else drawn[0]
 
             once = _materialized((*source, tuple(seeds)), size * copies, draw)
+        else:
+            once = _materialized(source, size, lambda: read(files))
         passes = [once.randomize_block_order(seed=int(rng.integers(1 << 31)))
                   for _ in range(math.ceil(repeat / copies))]
     else:

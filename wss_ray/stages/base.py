@@ -51,11 +51,13 @@ class StepContext:
         """What the steps compute in ("bf16" or "fp32"), recorded in every checkpoint's meta."""
         return "bf16" if self.device.type == "cuda" else cpu_precision(self.cfg.ray.cpu_precision)
 
-    def autocast(self):
-        # bf16 on GPU; on CPU as ray.cpu_precision says (the models keep recurrences in fp32)
+    def autocast(self, validating: bool = False):
+        # bf16 on GPU; on CPU as ray.cpu_precision says (the models keep recurrences in fp32),
+        # except validation: its numbers rank checkpoints and Tune trials, so on CPU they do not
+        # depend on whether the machine has native bf16
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
-        if self.precision == "bf16":
+        if self.precision == "bf16" and not validating:
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -206,6 +208,6 @@ class Recipe(abc.ABC):
 
     @torch.no_grad()
     def validate(self, batch: dict, models: dict, ctx: StepContext) -> dict[str, float]:
-        with ctx.autocast():
+        with ctx.autocast(validating=True):
             terms = self.losses(batch, models, ctx)
         return {f"val_{k}": float(v) for k, v in terms.items()}

@@ -23,7 +23,7 @@ from wss_ray.config import Config, config_from_dict
 from wss_ray.data.contract import MODEL_SIGNAL_KEYS, SIGNAL_KEYS, to_tensors
 from wss_ray.data.dataset import load_manifest, supervised_dataset, weak_dataset
 from wss_ray.stages import RECIPES
-from wss_ray.stages.base import Recipe, StepContext, critic_mode
+from wss_ray.stages.base import Recipe, StepContext, cpu_precision, critic_mode
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -250,6 +250,9 @@ def build_trainer(stage: str, cfg: Config, data: str | Path, parent: str | None,
     manifest = load_manifest(data)
     check_signal(cfg, manifest, data)
     parent_path = check_parent(stage, parent, manifest)
+    # "auto" decided once, here: every rank of the job (and every trial) then computes alike
+    cfg = cfg.model_copy(deep=True)
+    cfg.ray.cpu_precision = cpu_precision(cfg.ray.cpu_precision)
     open_split = supervised_dataset if recipe.needs_stems else weak_dataset
     scfg = cfg.stages[stage]
     rows = manifest["splits"].get("train", {}).get("chunks", 0)

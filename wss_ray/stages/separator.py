@@ -42,7 +42,7 @@ class ScoreValidated:
 
     @torch.no_grad()
     def validate(self, batch, models, ctx: StepContext) -> dict:
-        with ctx.autocast():
+        with ctx.autocast(validating=True):
             out = ctx.separate(models["separator"], batch)
             mag, est = out.mix_mag, out.mag
             flat = flat_sources(est)

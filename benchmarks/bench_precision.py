@@ -11,40 +11,31 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from wss_ray.checkpoint import load_checkpoint
-from wss_ray.config import load_config
-from wss_ray.data.dataset import iter_local, load_manifest
-from wss_ray.stages import RECIPES
-from wss_ray.stages.base import StepContext, cpu_precision
-from wss_ray.stages.runner import train_local
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_check import step_speed  # noqa: E402
+from wss_ray.config import load_config  # noqa: E402
+from wss_ray.data.dataset import load_manifest, load_split  # noqa: E402
+from wss_ray.stages import RECIPES  # noqa: E402
+from wss_ray.stages.base import cpu_precision  # noqa: E402
+from wss_ray.stages.runner import train_local  # noqa: E402
 
 STAGES = ("transcriptor", "classifier", "supervised", "separator", "baseline", "finetune")
 PARENT = {"separator": "transcriptor", "baseline": "classifier", "finetune": "separator"}
 
 
 def timed(stage, cfg, data, parent, steps, precision):
+    """s/step and the loss after 2 warm-up + ``steps`` updates, at ``precision``."""
     cfg = copy.deepcopy(cfg)
     cfg.ray.cpu_precision = precision
-    torch.manual_seed(cfg.seed)
-    recipe = RECIPES[stage]
-    ctx = StepContext(cfg, cfg.stages[stage], load_manifest(data), torch.device("cpu"),
-                      load_checkpoint(parent)[0] if parent else None)
-    models = recipe.build(ctx)
-    opts = recipe.optimizers(models, ctx)
-    batches = list(iter_local(data, "train", cfg.stages[stage].batch_size, with_stems=recipe.needs_stems,
-                              drop_last=True, shuffle_seed=0))[:steps + 2]
-    for b in batches[:2]:                       # warm-up (oneDNN picks its kernels)
-        recipe.update(b, models, opts, ctx, 0)
-    t = time.perf_counter()
-    for i, b in enumerate(batches[2:]):
-        terms = recipe.update(b, models, opts, ctx, i + 2)
-    return (time.perf_counter() - t) / (len(batches) - 2), terms["loss"]
+    table = load_split(data, "train", with_stems=RECIPES[stage].needs_stems)
+    row = step_speed(stage, cfg, load_manifest(data), table, parent, torch.device("cpu"), steps=steps, warmup=2)
+    return row["ms_per_step"] / 1000, row["loss"]
 
 
 def main() -> None:

@@ -63,10 +63,11 @@ def step_speed(stage: str, cfg, manifest: dict, table, parent: Path | None, devi
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for i in range(steps):
-        recipe.update(batch, models, opts, ctx, warmup + i)
+        terms = recipe.update(batch, models, opts, ctx, warmup + i)
     sync()
     wall = time.perf_counter() - t0
-    row = {"batch": s.batch_size, "windows_per_s": s.batch_size * steps / wall, "ms_per_step": 1000 * wall / steps}
+    row = {"batch": s.batch_size, "windows_per_s": s.batch_size * steps / wall, "ms_per_step": 1000 * wall / steps,
+           "loss": terms["loss"]}
     if device.type == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         from torch.profiler import ProfilerActivity, profile

@@ -18,6 +18,8 @@ from openunmix.model import OpenUnmix
 from openunmix.utils import bandwidth_to_max_bin
 from torch import nn
 
+from wss_ray.models.precision import fp32_on_cpu
+
 
 class UnmixSeparator(nn.Module):
     """|X| (B, F, N) -> masks M (B, K, F, N) >= 0 (the reference's ReLU mask, not bounded by 1)."""
@@ -43,11 +45,8 @@ class UnmixSeparator(nn.Module):
         # 0/0 would give NaN gradients where the mixture is digital silence)
         den = x.clamp_min(1e-8)
         # the reference's BLSTM sits between its dense layers, so the whole network stays in
-        # fp32 under CPU autocast (see fp32_recurrence)
-        if x.device.type == "cpu":
-            with torch.autocast("cpu", enabled=False):
-                return self._masks(x.float(), den.float())
-        return self._masks(x, den)
+        # fp32 under CPU autocast
+        return fp32_on_cpu(self._masks, x, den)
 
     def _masks(self, x: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
         return torch.stack([(t(x[:, None])[:, 0] / den) * (x > 1e-8) for t in self.targets], dim=1)

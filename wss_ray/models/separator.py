@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from wss_ray.dsp import log_magnitude
-from wss_ray.models.precision import fp32_recurrence
+from wss_ray.models.precision import fp32_on_cpu
 
 
 class MaskSeparator(nn.Module):
@@ -27,6 +27,6 @@ class MaskSeparator(nn.Module):
         x = log_magnitude(mag).transpose(1, 2)                       # (B, N, F)
         # per-example standardisation: the mask must not depend on the recording level
         x = (x - x.mean(dim=(1, 2), keepdim=True)) / (x.std(dim=(1, 2), keepdim=True) + 1e-5)
-        h, _ = fp32_recurrence(self.blstm, torch.tanh(self.inp(x)))
+        h, _ = fp32_on_cpu(self.blstm, torch.tanh(self.inp(x)))
         m = torch.sigmoid(self.out(h))                               # (B, N, K*F)
         return m.view(b, n, self.n_sources, f).permute(0, 2, 3, 1)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from wss_ray.dsp import log_frequency_filterbank
-from wss_ray.models.precision import fp32_recurrence
+from wss_ray.models.precision import fp32_on_cpu
 
 
 class SpectroTrunk(nn.Module):
@@ -38,7 +38,7 @@ class SpectroTrunk(nn.Module):
         x = self.conv(x.unsqueeze(1))       # (B, C, n_log/2, N)
         b, c, l, n = x.shape
         x = self.drop(torch.relu(self.proj(x.permute(0, 3, 1, 2).reshape(b, n, c * l))))
-        h, _ = fp32_recurrence(self.rnn, x)
+        h, _ = fp32_on_cpu(self.rnn, x)
         return h
 
 

@@ -270,6 +270,43 @@ def test_finetune_separator_update_computes_no_transcriptor_weight_gradient(feat
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in models["separator"].parameters())
 
 
+def test_finetune_transcriptor_learns_from_separations_only_as_configured(features, small_cfg, tmp_path):
+    """lambda_sep weighs T's cooperative term on separated sources (no ATL); at 0, T's update
+    reads real mixtures only (the paper's step 3). ATL judges the separations whatever it is."""
+    import copy
+
+    from wss_ray.data.dataset import iter_local
+    from wss_ray.losses import transcription_loss
+    from wss_ray.stages import RECIPES
+
+    cfg = copy.deepcopy(small_cfg)
+    for s in cfg.stages.values():
+        s.steps, s.checkpoint_every, s.batch_size = 1, 1, 2
+    t = train_local("transcriptor", cfg, features, tmp_path / "t", log=None)
+    sep = train_local("separator", cfg, features, tmp_path / "s", parent=str(t), log=None)
+    recipe = RECIPES["finetune"]
+    batch = next(iter_local(features, "train", 2))
+
+    def t_terms(**settings):
+        stage = cfg.stages["finetune"].model_copy(update=settings)
+        ctx = StepContext(cfg, stage, load_manifest(features), torch.device("cpu"), load_checkpoint(sep)[0])
+        models = recipe.build(ctx)
+        with torch.no_grad():
+            spec = ctx.separate(models["separator"], batch).spec
+            terms = recipe.t_losses(batch, models, ctx, spec)
+            own = transcription_loss(models["transcriptor"](ctx.separate(models["separator"], batch).mix_mag),
+                                     batch["roll"], stage.pos_weight)
+        return terms, own
+
+    terms, own = t_terms(adversarial=[], lambda_sep=0.0)
+    assert "t_sep" not in terms
+    assert torch.allclose(terms["loss"], cfg.stages["finetune"].lambda_t * own)
+    terms, own = t_terms(adversarial=[], lambda_sep=0.5)
+    assert torch.allclose(terms["loss"], cfg.stages["finetune"].lambda_t * own + 0.5 * terms["t_sep"])
+    terms, _ = t_terms(adversarial=["atl"], lambda_sep=0.0)
+    assert terms["t_sep"] > 0
+
+
 def test_stages_of_a_pipeline_reuse_the_splits_read_before(features, ray_local, tmp_path):
     import os
     import shutil

@@ -272,6 +272,11 @@ class FinetuneSettings(SeparatorSettings):
     adversarial: list[Literal["aml", "atl"]] = Field(default_factory=list)
     lambda_t: NonNeg = 1.0
     lambda_adv: NonNeg = 1.0
+    # [ours] without ATL, the weight of T's cooperative term on separated sources (target
+    # Y^(k): T adapts to the separator's domain). 0 = T learns from real mixtures only, as the
+    # paper's step 3 says; a T that adapts to leaky separations stops S from being pushed to
+    # remove the leakage
+    lambda_sep: NonNeg = 1.0
     beta: NonNeg = 0.1
     margin: NonNeg = 1.0
     t_lr: Pos = 1e-4

@@ -20,7 +20,8 @@ class FinetuneRecipe(ScoreValidated, Recipe):
     name = "finetune"
     parents = ("separator",)
     trainable = ("separator", "transcriptor")
-    tunable = SeparatorRecipe.tunable | {"adversarial", "lambda_t", "lambda_adv", "beta", "margin", "t_lr"}
+    tunable = SeparatorRecipe.tunable | {"adversarial", "lambda_t", "lambda_adv", "lambda_sep", "beta", "margin",
+                                         "t_lr"}
     critic = "critic"
 
     def variant(self, stage):
@@ -77,7 +78,13 @@ class FinetuneRecipe(ScoreValidated, Recipe):
         plain.train()
         mag, est = out.mix_mag, out.mag
         b, k = est.shape[:2]
-        inputs, sizes = [mag, flat_sources(est)], [b, b * k]
+        # T reads the separations when a term of its loss judges them (ATL, or the cooperative
+        # term with weight lambda_sep)
+        on_sep = "atl" in s.adversarial or s.lambda_sep > 0
+        inputs, sizes = [mag], [b]
+        if on_sep:
+            inputs.append(flat_sources(est))
+            sizes.append(b * k)
         if "aml" in s.adversarial:
             fake, fake_score = recomposition(est, batch["roll"], self._perms(b, k, mag.device, step))
             inputs.append(fake)
@@ -85,17 +92,18 @@ class FinetuneRecipe(ScoreValidated, Recipe):
         outs = _split(T(torch.cat(inputs)), sizes)
         terms = {}
         if "aml" in s.adversarial:
-            terms["t_real"] = aml_transcriptor_loss(outs[0], batch["roll"], outs[2], fake_score, s.beta, s.margin,
+            terms["t_real"] = aml_transcriptor_loss(outs[0], batch["roll"], outs[-1], fake_score, s.beta, s.margin,
                                                     s.pos_weight)
         else:
             terms["t_real"] = transcription_loss(outs[0], batch["roll"], s.pos_weight)
         total = s.lambda_t * terms["t_real"]
         if "atl" in s.adversarial:
             terms["t_sep"] = leakage_transcription_loss(outs[1], batch["roll"], s.pos_weight)
-        else:
+            total = total + s.lambda_adv * terms["t_sep"]
+        elif on_sep:
             # [ours] without ATL, T adapts cooperatively to separated sources (target Y^(k))
             terms["t_sep"] = separation_transcription_loss(outs[1], batch["roll"], s.pos_weight)
-        total = total + s.lambda_adv * terms["t_sep"]
+            total = total + s.lambda_sep * terms["t_sep"]
         terms["loss"] = total
         return terms
 

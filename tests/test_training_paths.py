@@ -247,17 +247,23 @@ def test_a_critic_outside_the_graph_passes_gradients_to_its_input_only():
     torch.testing.assert_close(mag.grad, want)
 
 
-def test_finetune_separator_update_computes_no_transcriptor_weight_gradient(features, small_cfg, tmp_path):
+def _one_step_separator(features, small_cfg, tmp_path):
+    """A config of one-step stages and a separator checkpoint trained with it (on a
+    one-step transcriptor): parents for fine-tuning's unit checks."""
     import copy
-
-    from wss_ray.data.dataset import iter_local
-    from wss_ray.stages import RECIPES
 
     cfg = copy.deepcopy(small_cfg)
     for s in cfg.stages.values():
         s.steps, s.checkpoint_every, s.batch_size = 1, 1, 2
     t = train_local("transcriptor", cfg, features, tmp_path / "t", log=None)
-    sep = train_local("separator", cfg, features, tmp_path / "s", parent=str(t), log=None)
+    return cfg, train_local("separator", cfg, features, tmp_path / "s", parent=str(t), log=None)
+
+
+def test_finetune_separator_update_computes_no_transcriptor_weight_gradient(features, small_cfg, tmp_path):
+    from wss_ray.data.dataset import iter_local
+    from wss_ray.stages import RECIPES
+
+    cfg, sep = _one_step_separator(features, small_cfg, tmp_path)
     recipe = RECIPES["finetune"]
     ctx = StepContext(cfg, cfg.stages["finetune"], load_manifest(features), torch.device("cpu"),
                       load_checkpoint(sep)[0])
@@ -273,17 +279,11 @@ def test_finetune_separator_update_computes_no_transcriptor_weight_gradient(feat
 def test_finetune_transcriptor_learns_from_separations_only_as_configured(features, small_cfg, tmp_path):
     """lambda_sep weighs T's cooperative term on separated sources (no ATL); at 0, T's update
     reads real mixtures only (the paper's step 3). ATL judges the separations whatever it is."""
-    import copy
-
     from wss_ray.data.dataset import iter_local
     from wss_ray.losses import transcription_loss
     from wss_ray.stages import RECIPES
 
-    cfg = copy.deepcopy(small_cfg)
-    for s in cfg.stages.values():
-        s.steps, s.checkpoint_every, s.batch_size = 1, 1, 2
-    t = train_local("transcriptor", cfg, features, tmp_path / "t", log=None)
-    sep = train_local("separator", cfg, features, tmp_path / "s", parent=str(t), log=None)
+    cfg, sep = _one_step_separator(features, small_cfg, tmp_path)
     recipe = RECIPES["finetune"]
     batch = next(iter_local(features, "train", 2))
 

@@ -184,6 +184,9 @@ def test_broken_checkpoints_are_named_not_traced(tmp_path, capsys):
         shutil.copytree(good, ck)
         damage(ck)
         assert words in run(ck)
+    # a stage's output folder instead of its checkpoint: the error points one level down
+    shutil.copytree(good, tmp_path / "stage" / "checkpoint")
+    assert f"its stage checkpoint is {tmp_path / 'stage' / 'checkpoint'}" in run(tmp_path / "stage")
 
 
 def test_training_refuses_a_config_that_disagrees_with_the_features(features, small_cfg, tmp_path):

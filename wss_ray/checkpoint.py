@@ -59,7 +59,10 @@ def save_checkpoint(path: str | Path, models: dict[str, nn.Module], meta: dict,
 def read_meta(path: str | Path) -> dict:
     p = Path(path) / META_FILE
     if not p.is_file():
-        raise CheckpointError(f"{path}: not a wss-ray checkpoint (no {META_FILE})")
+        # a stage's output folder holds its final checkpoint one level down
+        hint = f"; its stage checkpoint is {Path(path) / 'checkpoint'}" \
+            if (Path(path) / "checkpoint" / META_FILE).is_file() else ""
+        raise CheckpointError(f"{path}: not a wss-ray checkpoint (no {META_FILE}){hint}")
     try:
         meta = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

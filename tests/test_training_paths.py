@@ -306,8 +306,14 @@ def test_finetune_transcriptor_learns_from_separations_only_as_configured(featur
     assert torch.allclose(terms["loss"], cfg.stages["finetune"].lambda_t * own)
     terms, own = t_terms(adversarial=[], lambda_sep=0.5)
     assert torch.allclose(terms["loss"], cfg.stages["finetune"].lambda_t * own + 0.5 * terms["t_sep"])
-    terms, _ = t_terms(adversarial=["atl"], lambda_sep=0.0)
-    assert terms["t_sep"] > 0
+    # ATL is weighed by lambda_adv whatever lambda_sep says
+    terms, own = t_terms(adversarial=["atl"], lambda_sep=0.0, lambda_adv=0.3)
+    assert torch.allclose(terms["loss"], cfg.stages["finetune"].lambda_t * own + 0.3 * terms["t_sep"])
+    # AML with and without the separations beside it in T's batch: the same recomposition term
+    terms0, _ = t_terms(adversarial=["aml"], lambda_sep=0.0)
+    terms1, _ = t_terms(adversarial=["aml"], lambda_sep=1.0)
+    assert "t_sep" not in terms0 and "t_sep" in terms1
+    assert torch.allclose(terms0["t_real"], terms1["t_real"], atol=1e-6)
 
 
 def test_stages_of_a_pipeline_reuse_the_splits_read_before(features, ray_local, tmp_path):

@@ -273,9 +273,11 @@ class FinetuneSettings(SeparatorSettings):
     lambda_t: NonNeg = 1.0
     lambda_adv: NonNeg = 1.0
     # [ours] without ATL, the weight of T's cooperative term on separated sources (target
-    # Y^(k): T adapts to the separator's domain). 0 = T learns from real mixtures only, as the
-    # paper's step 3 says; a T that adapts to leaky separations stops S from being pushed to
-    # remove the leakage
+    # Y^(k): T adapts to the separator's domain; before this setting it was weighted by
+    # lambda_adv). 0 = T learns from real mixtures only (our strict reading of the paper's
+    # step 3), in case a T that adapts to leaky separations eases S's pressure to remove the
+    # leakage (not seen beyond the spread at demo scale: BENCHMARKS.md). Ignored with ATL,
+    # whose term lambda_adv weighs
     lambda_sep: NonNeg = 1.0
     beta: NonNeg = 0.1
     margin: NonNeg = 1.0

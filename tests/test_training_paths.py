@@ -295,10 +295,9 @@ def test_finetune_transcriptor_learns_from_separations_only_as_configured(featur
         ctx = StepContext(cfg, stage, load_manifest(features), torch.device("cpu"), load_checkpoint(sep)[0])
         models = recipe.build(ctx)
         with torch.no_grad():
-            spec = ctx.separate(models["separator"], batch).spec
-            terms = recipe.t_losses(batch, models, ctx, spec)
-            own = transcription_loss(models["transcriptor"](ctx.separate(models["separator"], batch).mix_mag),
-                                     batch["roll"], stage.pos_weight)
+            out = ctx.separate(models["separator"], batch)
+            terms = recipe.t_losses(batch, models, ctx, out.spec)
+            own = transcription_loss(models["transcriptor"](out.mix_mag), batch["roll"], stage.pos_weight)
         return terms, own
 
     terms, own = t_terms(adversarial=[], lambda_sep=0.0)

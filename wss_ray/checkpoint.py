@@ -17,6 +17,8 @@ from wss_ray.models import MODEL_CLASSES
 
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
+# a stage's output folder holds its final checkpoint in this subfolder
+CHECKPOINT_DIR = "checkpoint"
 
 
 class CheckpointError(ValueError):
@@ -59,9 +61,8 @@ def save_checkpoint(path: str | Path, models: dict[str, nn.Module], meta: dict,
 def read_meta(path: str | Path) -> dict:
     p = Path(path) / META_FILE
     if not p.is_file():
-        # a stage's output folder holds its final checkpoint one level down
-        hint = f"; its stage checkpoint is {Path(path) / 'checkpoint'}" \
-            if (Path(path) / "checkpoint" / META_FILE).is_file() else ""
+        final = Path(path) / CHECKPOINT_DIR
+        hint = f"; its stage checkpoint is {final}" if (final / META_FILE).is_file() else ""
         raise CheckpointError(f"{path}: not a wss-ray checkpoint (no {META_FILE}){hint}")
     try:
         meta = json.loads(p.read_text())

@@ -7,9 +7,9 @@ import copy
 import time
 from pathlib import Path
 
-from wss_ray.checkpoint import META_FILE
+from wss_ray.checkpoint import CHECKPOINT_DIR, META_FILE
 from wss_ray.config import Config
-from wss_ray.stages.runner import CHECKPOINT_DIR, run_name, train_stage
+from wss_ray.stages.runner import run_name, train_stage
 
 
 def _variant(cfg: Config, stage: str, **fields) -> Config:

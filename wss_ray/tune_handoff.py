@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from wss_ray.atomic import atomic_path
-from wss_ray.checkpoint import META_FILE, CheckpointError
+from wss_ray.checkpoint import CHECKPOINT_DIR, META_FILE, CheckpointError
 
 HANDOFF = "best.json"
 
@@ -46,8 +46,8 @@ def resolve_parent(parent: str | Path) -> Path:
         return resolve_parent(record["checkpoint"])
     if (p / META_FILE).is_file():
         return p
-    if (p / "checkpoint" / META_FILE).is_file():
-        return p / "checkpoint"
+    if (p / CHECKPOINT_DIR / META_FILE).is_file():
+        return p / CHECKPOINT_DIR
     if (p / HANDOFF).is_file():
         return resolve_parent(p / HANDOFF)
     raise CheckpointError(f"{p}: not a checkpoint, a stage output folder, a Tune handoff record ({HANDOFF}) "

@@ -18,14 +18,13 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from wss_ray.atomic import atomic_path
-from wss_ray.checkpoint import CheckpointError, code_revision, load_checkpoint, read_meta, save_checkpoint, unwrap
+from wss_ray.checkpoint import (CHECKPOINT_DIR, CheckpointError, code_revision, load_checkpoint, read_meta,
+                                save_checkpoint, unwrap)
 from wss_ray.config import Config, config_from_dict
 from wss_ray.data.contract import MODEL_SIGNAL_KEYS, SIGNAL_KEYS, to_tensors
 from wss_ray.data.dataset import load_manifest, supervised_dataset, weak_dataset
 from wss_ray.stages import RECIPES
 from wss_ray.stages.base import Recipe, StepContext, cpu_precision, critic_mode
-
-CHECKPOINT_DIR = "checkpoint"
 
 
 def run_name(stage: str, cfg: Config) -> str:

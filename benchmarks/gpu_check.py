@@ -33,7 +33,7 @@ from wss_ray.checkpoint import load_checkpoint  # noqa: E402
 from wss_ray.config import load_config  # noqa: E402
 from wss_ray.data.dataset import iter_table, load_manifest, load_split  # noqa: E402
 from wss_ray.stages import RECIPES  # noqa: E402
-from wss_ray.stages.base import StepContext, critic_mode  # noqa: E402
+from wss_ray.stages.base import StepContext, as_floats, critic_mode  # noqa: E402
 from wss_ray.stages.runner import run_name, to_device, train_local  # noqa: E402
 
 # (stage, variant settings, parent run)
@@ -43,9 +43,11 @@ PLAN = [("transcriptor", {}, None), ("classifier", {}, None), ("supervised", {},
 
 
 def step_speed(stage: str, cfg, manifest: dict, table, parent: Path | None, device: torch.device,
-               steps: int = 30, warmup: int = 5) -> dict:
+               steps: int = 30, warmup: int = 5, read_every_step: bool = False) -> dict:
     """Windows/s of ``recipe.update`` on one batch resident on the device (no input pipeline),
-    peak memory, and the GPU's idle share of the step time."""
+    peak memory, and the GPU's idle share of the step time. ``read_every_step``: the loss terms
+    read as numbers after every step (a host sync per step, as the loop did before it read them
+    only when logging): the lever's effect."""
     recipe = RECIPES[stage]
     s = cfg.stages[stage]
     torch.manual_seed(cfg.seed)
@@ -56,18 +58,22 @@ def step_speed(stage: str, cfg, manifest: dict, table, parent: Path | None, devi
     opts = recipe.optimizers(models, ctx)
     batch = to_device(next(iter_table(table, manifest, s.batch_size, shuffle_seed=0, drop_last=True)), device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    def step(i: int) -> dict:
+        terms = recipe.update(batch, models, opts, ctx, i)
+        return as_floats(terms) if read_every_step else terms
+
     for i in range(warmup):
-        recipe.update(batch, models, opts, ctx, i)
+        step(i)
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for i in range(steps):
-        terms = recipe.update(batch, models, opts, ctx, warmup + i)
+        terms = step(warmup + i)
     sync()
     wall = time.perf_counter() - t0
     row = {"batch": s.batch_size, "windows_per_s": s.batch_size * steps / wall, "ms_per_step": 1000 * wall / steps,
-           "loss": terms["loss"]}
+           "loss": float(terms["loss"])}
     if device.type == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         from torch.profiler import ProfilerActivity, profile
@@ -75,7 +81,7 @@ def step_speed(stage: str, cfg, manifest: dict, table, parent: Path | None, devi
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
             for i in range(10):
-                recipe.update(batch, models, opts, ctx, warmup + steps + i)
+                step(warmup + steps + i)
             sync()
             wall = time.perf_counter() - t0
         kernel_us = sum(e.self_device_time_total for e in prof.key_averages())
@@ -96,6 +102,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=300, help="training steps per stage")
     ap.add_argument("--batch-size", type=int, default=0, help="per-step batch (default: the config's)")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--speed-batches", type=int, nargs="*", default=[128, 512],
+                    help="also time the separator's and fine-tuning's step at these batch sizes")
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="featurization processes")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -149,6 +157,15 @@ def main() -> int:
             report["speed"][name] = step_speed(stage, cfg, manifest, load_split(features, "train", RECIPES[stage].needs_stems),
                                                ckpts[parent] if parent else None, device)
             sp = report["speed"][name]
+            if stage in ("separator", "finetune"):
+                extra = {f"{name} (read every step)": (s.batch_size, True)}
+                extra.update({f"{name} @ batch {b}": (b, False) for b in args.speed_batches})
+                for label, (b, read) in extra.items():
+                    c = copy.deepcopy(cfg)
+                    c.stages[stage].batch_size = b
+                    report["speed"][label] = step_speed(stage, c, manifest, load_split(features, "train"),
+                                                        ckpts[parent] if parent else None, device,
+                                                        read_every_step=read)
             print(f"[gpu_check] {name}: trained {args.steps} steps in {wall:.1f} s; step alone "
                   f"{sp['windows_per_s']:.0f} windows/s ({sp['ms_per_step']:.1f} ms/step"
                   + (f", peak {sp['peak_mem_gib']:.2f} GiB, GPU busy {sp['gpu_busy_share']:.0%}" if "peak_mem_gib" in sp else "")
@@ -174,10 +191,11 @@ def main() -> int:
     report["wall_s"] = time.time() - t_all
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
-    print("\n| stage | trained windows/s | step-only windows/s | ms/step | peak GiB | host share |")
-    print("|---|---|---|---|---|---|")
+    print("\n| stage | batch | trained windows/s | step-only windows/s | ms/step | peak GiB | host share |")
+    print("|---|---|---|---|---|---|---|")
     for name, sp in report["speed"].items():
-        print(f"| {name} | {report['stages'][name]['windows_per_s']:.0f} | {sp['windows_per_s']:.0f} | "
+        trained = report["stages"].get(name, {})
+        print(f"| {name} | {sp['batch']} | {_fmt(trained, 'windows_per_s', '.0f')} | {sp['windows_per_s']:.0f} | "
               f"{sp['ms_per_step']:.1f} | {_fmt(sp, 'peak_mem_gib', '.2f')} | "
               f"{_fmt(sp, 'host_share', '.0%')} |")
     print(f"[gpu_check] {len(report['stages'])}/{len(PLAN)} stages passed in {report['wall_s']:.0f} s"

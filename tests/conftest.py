@@ -36,20 +36,33 @@ def small_cfg():
 
 
 @pytest.fixture(scope="session")
-def corpus(tmp_path_factory, soundfont) -> Path:
+def corpus(tmp_path_factory, request) -> Path:
+    """Rendered here with FluidSynth; ``WSS_TEST_CORPUS`` names one rendered elsewhere instead
+    (a bare GPU machine has no FluidSynth: `benchmarks/gpu_bundle.py --test-corpus` packs it)."""
     from wss_ray.data.synth import synthesize_corpus
 
+    if os.environ.get("WSS_TEST_CORPUS"):
+        return Path(os.environ["WSS_TEST_CORPUS"])
     out = tmp_path_factory.mktemp("corpus")
-    synthesize_corpus(out, tracks=6, seconds=6, seed=3, soundfont=soundfont, sample_rate=22050, workers=2)
+    synthesize_corpus(out, tracks=6, seconds=6, seed=3, soundfont=request.getfixturevalue("soundfont"),
+                      sample_rate=22050, workers=2)
     return out
 
 
 @pytest.fixture(scope="session")
-def features(tmp_path_factory, corpus, ray_local, small_cfg) -> Path:
+def features(tmp_path_factory, corpus, small_cfg, request) -> Path:
+    """Featurized through Ray Data on the default local Ray settings; where Ray is not
+    installed (a bare GPU machine running tests/test_gpu.py) in this process instead."""
+    import importlib.util
+
     from wss_ray.data.featurize import featurize
 
     out = tmp_path_factory.mktemp("features")
-    featurize(corpus, out, small_cfg.data, small_cfg.ray)
+    if importlib.util.find_spec("ray") is None:
+        featurize(corpus, out, small_cfg.data, engine="local")
+    else:
+        request.getfixturevalue("ray_local")
+        featurize(corpus, out, small_cfg.data, small_cfg.ray)
     return out
 
 

@@ -73,6 +73,36 @@ def test_every_stage_trains_in_the_plain_loop_under_the_cudnn_rule(features, sma
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_the_loop_reads_loss_terms_only_when_it_logs_or_checkpoints():
+    """A step's terms stay on the device (reading one is a host sync, the GPU's idle time):
+    the loop turns them into numbers only at log and checkpoint steps."""
+    from types import SimpleNamespace
+
+    from wss_ray.stages.runner import fit
+
+    class Term:   # a loss term that counts how often it is read as a number
+        reads = 0
+
+        def __float__(self):
+            Term.reads += 1
+            return 0.5
+
+    class Recipe:
+        name = "counting"
+
+        def update(self, batch, models, opts, ctx, step):
+            return {"loss": Term()}
+
+    stage = SimpleNamespace(steps=20, checkpoint_every=10, lr_schedule="constant", val_batches=0)
+    ctx = SimpleNamespace(stage=stage, device=torch.device("cpu"))
+    saved, lines = [], []
+    fit(Recipe(), ctx, {}, {}, train_batches=lambda epoch: [{"x": torch.zeros(1)}] * 20, val_batches=lambda: [],
+        on_checkpoint=lambda step, m: saved.append((step, m)), log=lines.append)
+    assert Term.reads == 10                        # logged every 2 steps (checkpoints fall on logged steps)
+    assert [st for st, _ in saved] == [10, 20] and all(isinstance(m["loss"], float) for _, m in saved)
+    assert len(lines) == 10 and "loss=0.5000" in lines[-1]
+
+
 def test_frozen_critic_is_deterministic_and_differentiable_through():
     t = Transcriptor(16000, 1024, 3, 21, 108, channels=4, hidden=16, dropout=0.5)
     t.trunk.rnn = nn.GRU(16, 16, num_layers=2, batch_first=True, bidirectional=True, dropout=0.5)

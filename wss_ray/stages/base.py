@@ -156,6 +156,11 @@ def flat_sources(est: torch.Tensor) -> torch.Tensor:
     return est.reshape(b * k, f, n)
 
 
+def as_floats(terms: dict) -> dict[str, float]:
+    """Loss terms (tensors or numbers) as plain floats: the one place a step's terms wait for the device."""
+    return {k: float(v) for k, v in terms.items()}
+
+
 def apply_update(loss: torch.Tensor, models: dict, opts: dict, names: tuple[str, ...], clip: float) -> None:
     """Backward ``loss`` and step the optimizers of ``names`` only; every gradient is cleared
     first, so gradients that reach other models (a critic in the graph) are discarded."""
@@ -199,12 +204,13 @@ class Recipe(abc.ABC):
         return {n: torch.optim.AdamW([p for p in models[n].parameters() if p.requires_grad], lr=s.lr,
                                      weight_decay=s.weight_decay) for n in self.trainable}
 
-    def update(self, batch: dict, models: dict, opts: dict, ctx: StepContext, step: int = 0) -> dict[str, float]:
-        """One optimisation step; returns loss terms as floats."""
+    def update(self, batch: dict, models: dict, opts: dict, ctx: StepContext, step: int = 0) -> dict[str, torch.Tensor]:
+        """One optimisation step; returns the loss terms as detached tensors. Reading one as a
+        number waits for the device, so the loop reads them (``as_floats``) only when it logs."""
         with ctx.autocast():
             terms = self.losses(batch, models, ctx)
         apply_update(terms["loss"], models, opts, self.trainable, ctx.stage.grad_clip)
-        return {k: float(v.detach()) for k, v in terms.items()}
+        return {k: v.detach() for k, v in terms.items()}
 
     @torch.no_grad()
     def validate(self, batch: dict, models: dict, ctx: StepContext) -> dict[str, float]:

@@ -121,6 +121,6 @@ class FinetuneRecipe(ScoreValidated, Recipe):
         with ctx.autocast():
             t_terms = self.t_losses(batch, models, ctx, spec.detach(), step)
         apply_update(t_terms["loss"], models, opts, ("transcriptor",), clip)
-        out = {k: float(v.detach()) for k, v in s_terms.items()}
-        out.update({("t_" + k if k == "loss" else k): float(v.detach()) for k, v in t_terms.items()})
+        out = {k: v.detach() for k, v in s_terms.items()}   # read only when logged (see Recipe.update)
+        out.update({("t_" + k if k == "loss" else k): v.detach() for k, v in t_terms.items()})
         return out

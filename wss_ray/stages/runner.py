@@ -24,7 +24,7 @@ from wss_ray.config import Config, config_from_dict
 from wss_ray.data.contract import MODEL_SIGNAL_KEYS, SIGNAL_KEYS, to_tensors
 from wss_ray.data.dataset import load_manifest, supervised_dataset, weak_dataset
 from wss_ray.stages import RECIPES
-from wss_ray.stages.base import Recipe, StepContext, cpu_precision, critic_mode
+from wss_ray.stages.base import Recipe, StepContext, as_floats, cpu_precision, critic_mode
 
 
 def run_name(stage: str, cfg: Config) -> str:
@@ -76,7 +76,10 @@ def fit(recipe: Recipe, ctx: StepContext, models: dict, opts: dict, train_batche
             metrics = recipe.update(to_device(batch, ctx.device), models, opts, ctx, step)
             step += 1
             seen += 1
-            if log and (step % log_every == 0 or step == s.steps):
+            logged = log and (step % log_every == 0 or step == s.steps)
+            if logged or step % s.checkpoint_every == 0 or step == s.steps:
+                metrics = as_floats(metrics)   # the step's only wait for the device (no sync otherwise)
+            if logged:
                 terms = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
                 done = max(step - start_step, 1)
                 log(f"[{recipe.name}] step {step}/{s.steps} {terms} ({(time.time() - t0) / done:.2f} s/step, "
@@ -195,7 +198,7 @@ def _worker(config: dict) -> None:
 
     def after_step(step: int, metrics: dict) -> None:
         if writer:
-            for k, v in metrics.items():
+            for k, v in as_floats(metrics).items():
                 writer.add_scalar(f"{stage}/{k}", v, step)
             for name, o in opts.items():
                 writer.add_scalar(f"{stage}/lr_{name}", o.param_groups[0]["lr"], step)

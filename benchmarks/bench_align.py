@@ -40,9 +40,11 @@ def main() -> None:
     if a.long_minutes:
         return long_song(a.corpus, a.split, a.long_minutes)
     tracks = [t for s, t in list_tracks(a.corpus) if s == a.split]
-    features = {"salience": None}
+    # each feature with and without the onset refinement after the DTW, side by side
+    features = {"salience, DTW only": ("salience", None, False), "salience": ("salience", None, True)}
     if a.checkpoint:
-        features["transcriptor"] = RollTranscriber.load(a.checkpoint)
+        tr = RollTranscriber.load(a.checkpoint)
+        features |= {"transcriptor, DTW only": ("transcriptor", tr, False), "transcriptor": ("transcriptor", tr, True)}
     errs = {"as given": []} | {f: [] for f in features}
     own = {f: [] for f in features}
     other = {f: [] for f in features}
@@ -56,14 +58,13 @@ def main() -> None:
         truth = score_to_audio(notes[:, 0], audio_s, score_s)
         errs["as given"].append(np.abs(notes[:, 0] - truth))
         wrong = load_notes(tracks[(i + 1) % len(tracks)] / "all_src.mid")
-        for f, tr in features.items():
-            kind = "transcriptor" if tr else "salience"
+        for f, (kind, tr, refine) in features.items():
             t0 = time.perf_counter()
-            al = align_notes(notes, wave, sr, kind, tr, check=False)
+            al = align_notes(notes, wave, sr, kind, tr, check=False, refine=refine)
             seconds[f] += time.perf_counter() - t0
             errs[f].append(np.abs(al.to_audio(notes[:, 0]) - truth))
             own[f].append(al.check_ratio)
-            other[f].append(align_notes(wrong, wave, sr, kind, tr, check=False).check_ratio)
+            other[f].append(align_notes(wrong, wave, sr, kind, tr, check=False, refine=False).check_ratio)
     out = {"corpus": a.corpus, "split": a.split, "tracks": len(tracks), "notes": int(sum(map(len, errs["as given"])))}
     print(f"{len(tracks)} tracks of {a.corpus}/{a.split}, {out['notes']} notes")
     print("| scores | onset error mean (ms) | median (ms) | 90th pct (ms) | within 50 ms | own score refused | "

@@ -143,21 +143,20 @@ def _harmonic_template(pitch_min: int, pitch_max: int, n_harmonics: int = 8) -> 
 SALIENCE_RANGE = (24, 108)   # semitones C1..C8: the pitch range of the salience feature
 
 
-def salience_features(wave: np.ndarray, sample_rate: int, hop: int) -> np.ndarray:
-    """(P + 2, N): the recording's STFT magnitude pooled onto semitones (the project's
-    log-frequency filterbank), log-compressed, plus silence and onset strength; frame i is
-    centred on sample i * hop. The STFT runs block by block (librosa's, uncentred, on a zero-padded
-    copy: what a centred STFT computes), so memory does not grow with the song's spectrogram."""
+def semitone_spectrogram(wave: np.ndarray, sample_rate: int, hop: int, n_fft: int) -> tuple[np.ndarray, np.ndarray]:
+    """((P, N) STFT magnitude pooled onto the semitones of SALIENCE_RANGE, (N,) frame energy);
+    frame i is centred on sample i * hop. The STFT runs block by block (librosa's, uncentred, on a
+    zero-padded copy: what a centred STFT computes), so memory does not grow with the song's
+    spectrogram."""
     import librosa
 
     from wss_ray.dsp import log_frequency_filterbank
 
-    n_fft = 1 << max(12, math.ceil(math.log2(2 * hop)))   # >= 4096: semitones apart at low pitch
     fb = log_frequency_filterbank(sample_rate, n_fft, SALIENCE_RANGE[0], SALIENCE_RANGE[1], 1).numpy()
     fb = fb[:SALIENCE_RANGE[1] - SALIENCE_RANGE[0] + 1]
     x = np.pad(np.asarray(wave, dtype=np.float32), (n_fft // 2, n_fft // 2))
     n_frames = 1 + len(wave) // hop
-    semis = np.empty((fb.shape[0], n_frames))
+    semis = np.empty((fb.shape[0], n_frames), dtype=np.float32)
     energy = np.empty(n_frames)
     per_block = max(1, (1 << 22) // n_fft)   # ~4M spectrum values (~16 MB) at a time
     for f0 in range(0, n_frames, per_block):
@@ -166,10 +165,72 @@ def salience_features(wave: np.ndarray, sample_rate: int, hop: int) -> np.ndarra
         spec = np.abs(librosa.stft(seg, n_fft=n_fft, hop_length=hop, center=False))[:, :f1 - f0]
         semis[:, f0:f1] = fb @ spec
         energy[f0:f1] = (spec.astype(np.float64) ** 2).sum(axis=0)
-    semis = np.log1p(3 * semis / max(float(semis.max()), 1e-20))
+    return semis, energy
+
+
+def salience_features(wave: np.ndarray, sample_rate: int, hop: int) -> np.ndarray:
+    """(P + 2, N): the recording's STFT magnitude pooled onto semitones (the project's
+    log-frequency filterbank), log-compressed, plus silence and onset strength; frame i is
+    centred on sample i * hop."""
+    n_fft = 1 << max(12, math.ceil(math.log2(2 * hop)))   # >= 4096: semitones apart at low pitch
+    semis, energy = semitone_spectrogram(wave, sample_rate, hop, n_fft)
+    semis = np.log1p(3 * semis.astype(np.float64) / max(float(semis.max()), 1e-20))
     silent = energy < 1e-6 * max(float(energy.max()), 1e-20)
     flux = _onset_channel(semis)
     return np.concatenate([_normalise(semis, silent), ONSET_WEIGHT * flux[None]], axis=0)
+
+
+# Onset refinement after the DTW (chosen on the validation split of a warped demo corpus,
+# benchmarks/bench_align.py): a fine grid (4 ms hop, 32 ms window: the DTW's 20 ms frames and
+# 4096-sample window blur attacks) and up to 60 ms either way of where the path put the onset.
+REFINE_HOP_S = 0.004
+REFINE_WINDOW_S = 0.032
+REFINE_REACH_S = 0.06
+REFINE_HARMONICS = 6
+REFINE_COMPRESSION = 100.0   # log(1 + C x / max): quiet attacks count next to loud ones
+
+
+def refine_onsets(al: Alignment, notes: np.ndarray, wave: np.ndarray, sample_rate: int,
+                  reach: float = REFINE_REACH_S) -> Alignment:
+    """Move each group of notes that start together in the score to where the rise of their
+    pitches' harmonics peaks in the recording, within ``reach`` seconds of where the DTW path put
+    it, and bend the map through the moved onsets (it stays monotonic). The DTW's frames are 20 ms
+    or coarser and its path slides along held notes; attacks are sharper than that. A slight
+    preference for small moves (the strength is weighed down to half at the edge of the reach)
+    keeps a group on the path's estimate when two attacks are equally strong; a group whose
+    pitches do not rise anywhere in reach stays where the path put it."""
+    hop = max(1, int(round(REFINE_HOP_S * sample_rate)))
+    n_fft = 1 << math.ceil(math.log2(REFINE_WINDOW_S * sample_rate))
+    semis, _ = semitone_spectrogram(wave, sample_rate, hop, n_fft)
+    logs = np.log1p(REFINE_COMPRESSION * semis / max(float(semis.max()), 1e-20))
+    rise = np.maximum(np.diff(logs, axis=1, prepend=logs[:, :1]), 0.0)
+    P, N = rise.shape
+    k = max(1, int(round(reach * sample_rate / hop)))
+    deltas = np.arange(-k, k + 1)
+    prior = 1.0 - 0.5 * (deltas / k) ** 2
+    starts, group = np.unique(np.round(notes[:, 0], 4), return_inverse=True)
+    mapped = al.to_audio(starts)
+    moves = np.zeros(len(starts))
+    offsets = [int(round(12 * math.log2(h))) for h in range(1, REFINE_HARMONICS + 1)]
+    for g in range(len(starts)):
+        centre = int(round(mapped[g] * sample_rate / hop))
+        frames = centre + deltas
+        ok = (frames >= 0) & (frames < N)
+        if not ok.any():
+            continue
+        strength = np.zeros(len(deltas))
+        for p in notes[group == g, 2]:
+            for h, off in enumerate(offsets, start=1):
+                q = int(p) + off - SALIENCE_RANGE[0]
+                if 0 <= q < P:
+                    strength[ok] += rise[q, frames[ok]] / h
+        if strength.max() <= 0:
+            continue
+        moves[g] = deltas[int(np.argmax(strength * prior))] * hop / sample_rate
+    knots = np.union1d(al.score_s, starts)
+    audio = al.to_audio(knots) + np.interp(knots, starts, moves)
+    al.score_s, al.audio_s = knots, np.maximum.accumulate(audio)
+    return al
 
 
 def dtw(audio_feat: np.ndarray, score_feat: np.ndarray, fps: float, feature: str, audio_start_s: float = 0.0) -> Alignment:
@@ -246,11 +307,12 @@ def check_alignment(al: Alignment, what: str, max_cost_ratio: float = MAX_COST_R
 
 def align_notes(notes: np.ndarray, wave: np.ndarray, sample_rate: int, feature: str = "salience",
                 transcriber=None, what: str = "score", check: bool = True,
-                max_cost: float | None = None) -> Alignment:
+                max_cost: float | None = None, refine: bool = True) -> Alignment:
     """Align notes (n, 3) in score time to a mono recording.
 
     ``feature``: "salience", or "transcriptor" with ``transcriber`` a :class:`RollTranscriber`.
-    ``max_cost``: the sanity check's limit (None: :data:`MAX_COST_RATIO`)."""
+    ``max_cost``: the sanity check's limit (None: :data:`MAX_COST_RATIO`); ``refine``: move the
+    onsets onto the recording's attacks after the DTW (:func:`refine_onsets`)."""
     notes = np.asarray(notes, dtype=np.float64).reshape(-1, 3)
     if not len(notes):
         raise AlignmentError(f"{what}: no notes to align")
@@ -274,7 +336,7 @@ def align_notes(notes: np.ndarray, wave: np.ndarray, sample_rate: int, feature: 
     # silence before and after the music (a pause before the first note, a fade to nothing) is
     # cut: the path is pinned to the ends, and pinned to silence it would drag the notes with it
     i0, i1 = _sounding(wave, sample_rate)
-    wave = wave[i0:i1]
+    whole, wave = wave, wave[i0:i1]
     if feature == "salience":
         a = salience_features(wave, sample_rate, hop)
         pitch_range = SALIENCE_RANGE
@@ -295,6 +357,8 @@ def align_notes(notes: np.ndarray, wave: np.ndarray, sample_rate: int, feature: 
         al.check_ratio = dtw(sal, score_features(notes, n_score, sample_rate, hop, "salience", SALIENCE_RANGE),
                              fps, "salience").cost_ratio
     _shape_map(al, notes)
+    if refine:
+        refine_onsets(al, notes, whole, sample_rate)
     return check_alignment(al, what, max_cost or MAX_COST_RATIO) if check else al
 
 

@@ -57,6 +57,7 @@ class Alignment:
     feature: str
     check_ratio: float = math.nan   # the salience path's cost_ratio: what the sanity check tests
     stretch: float = 1.0            # audio span / score span, first to last onset
+    onset_moves: np.ndarray | None = None   # seconds each onset group was moved by refine_onsets
 
     def to_audio(self, times: np.ndarray) -> np.ndarray:
         """Score times -> audio times (linear between path points, extended at the slope 1 outside)."""
@@ -75,13 +76,16 @@ class Alignment:
         return out
 
     def summary(self, notes: np.ndarray) -> dict:
-        """Cost, and where the score's first note moved and how its span (first to last onset)
-        was stretched, for reports."""
+        """Cost, where the score's first note moved, how its span (first to last onset) was
+        stretched and how far the refinement moved the onsets (median), for reports."""
         first = float(notes[:, 0].min())
-        return {"feature": self.feature, "cost": round(self.cost, 4), "cost_ratio": round(self.cost_ratio, 4),
-                "check_ratio": round(self.check_ratio, 4), "fps": round(self.fps, 3),
-                "shift_s": round(float(self.to_audio(np.array([first]))[0] - first), 3),
-                "stretch": round(self.stretch, 4)}
+        out = {"feature": self.feature, "cost": round(self.cost, 4), "cost_ratio": round(self.cost_ratio, 4),
+               "check_ratio": round(self.check_ratio, 4), "fps": round(self.fps, 3),
+               "shift_s": round(float(self.to_audio(np.array([first]))[0] - first), 3),
+               "stretch": round(self.stretch, 4)}
+        if self.onset_moves is not None and len(self.onset_moves):
+            out["onset_move_ms"] = round(1000 * float(np.median(np.abs(self.onset_moves))), 1)
+        return out
 
 
 def dtw_rate(audio_seconds: float, score_seconds: float, fps: float = FPS, max_cells: float = MAX_CELLS) -> float:
@@ -230,6 +234,7 @@ def refine_onsets(al: Alignment, notes: np.ndarray, wave: np.ndarray, sample_rat
     knots = np.union1d(al.score_s, starts)
     audio = al.to_audio(knots) + np.interp(knots, starts, moves)
     al.score_s, al.audio_s = knots, np.maximum.accumulate(audio)
+    al.onset_moves = moves
     return al
 
 
@@ -475,5 +480,5 @@ def align_file(audio: str | Path, midi: str | Path, out: str | Path, checkpoint:
     s = al.summary(notes)
     log(f"[align] {midi} -> {out}: first note moved {s['shift_s']:+.2f} s, the score stretched x{s['stretch']:.3f}; "
         f"cost {s['check_ratio']:.2f} of chance (limit {max_cost}; aligned by {al.feature}, "
-        f"{al.fps:.1f} frames/s)")
+        f"{al.fps:.1f} frames/s; onsets then moved onto the attacks by {s.get('onset_move_ms', 0):.0f} ms median)")
     return al

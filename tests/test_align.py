@@ -57,14 +57,15 @@ def test_known_warp_is_recovered(warped):
 def test_onset_refinement_brings_onsets_closer(warped):
     refined = np.concatenate([_onset_errors(t)[0] for t in _tracks(warped)])
     dtw_only = np.concatenate([_onset_errors(t, refine=False)[0] for t in _tracks(warped)])
-    # measured on this corpus: median 4.9 ms, mean 19 ms refined; 11 ms and 28 ms by the DTW alone
+    # measured on this corpus: median 3.3 ms, mean 19 ms refined; 11 ms and 28 ms by the DTW alone
     assert np.median(refined) < 0.7 * np.median(dtw_only), (np.median(refined), np.median(dtw_only))
     assert np.mean(refined <= 0.05) >= np.mean(dtw_only <= 0.05), (np.mean(refined <= 0.05), np.mean(dtw_only <= 0.05))
 
 
-def _tones(onsets, pitches, sr=16000, seconds=3.0, length=0.4):
-    """Harmonic tones (8 partials, 1/h amplitudes, exponential decay) starting at the given times."""
-    wave = np.zeros(int(seconds * sr), np.float32)
+def _tones(onsets, pitches, sr=16000, seconds=3.0, length=0.4, noise=0.0):
+    """Harmonic tones (8 partials, 1/h amplitudes, exponential decay) starting at the given times,
+    over white noise of the given deviation."""
+    wave = np.random.default_rng(0).normal(0.0, noise, int(seconds * sr)).astype(np.float32)
     t = np.arange(int(length * sr)) / sr
     for start, p in zip(onsets, pitches):
         f0 = 440.0 * 2 ** ((p - 69) / 12)
@@ -74,31 +75,46 @@ def _tones(onsets, pitches, sr=16000, seconds=3.0, length=0.4):
     return wave
 
 
-def test_refine_onsets_moves_a_shifted_map_onto_the_attacks():
+@pytest.mark.parametrize("sr", [16000, 44100])
+def test_refine_onsets_moves_a_shifted_map_onto_the_attacks(sr):
     truth = np.array([0.5, 1.0, 1.5, 2.1])
     pitches = [48, 64, 67, 72]
     notes = np.stack([truth, truth + 0.4, pitches], axis=1)
-    wave = _tones(truth, pitches)
-    for shift in (-0.045, 0.03):   # the DTW's estimate off by a frame or two either way
+    wave = _tones(truth, pitches, sr, noise=1e-4)
+    for shift in (-0.045, 0.0, 0.03):   # the DTW's estimate off by a frame or two either way
         al = Alignment(score_s=np.array([0.0, 3.0]), audio_s=np.array([shift, 3.0 + shift]), cost=0.1,
                        cost_ratio=0.5, fps=50.0, feature="salience")
-        refine_onsets(al, notes, wave, 16000)
+        refine_onsets(al, notes, wave, sr)
         err = np.abs(al.to_audio(truth) - truth)
-        # an abrupt attack is seen ~8 ms early (it enters the 32 ms window before its centre); on
-        # rendered instruments, whose attacks build up, the refined onsets have no such lead
-        assert err.max() <= 0.012, (shift, err)
+        # an abrupt attack is seen up to ~8 ms early whatever the sample rate (it enters the 32 ms
+        # window before its centre); on rendered instruments, whose attacks build up, the refined
+        # onsets have no such lead
+        assert err.max() <= 0.012, (sr, shift, err)
         assert np.all(np.diff(al.audio_s) >= 0)
 
 
 def test_refine_onsets_leaves_notes_without_an_attack_in_reach():
-    # the score's second note has no sound within 60 ms of where the path put it: it stays there
+    # the score's second note has no sound within 60 ms of where the path put it, only noise 66 dB
+    # below the tone: it stays there
     notes = np.array([[0.5, 0.9, 60.0], [1.5, 1.9, 72.0]])
-    wave = _tones([0.5], [60])
+    wave = _tones([0.5], [60], noise=1e-4)
     al = Alignment(score_s=np.array([0.0, 3.0]), audio_s=np.array([0.02, 3.02]), cost=0.1, cost_ratio=0.5,
                    fps=50.0, feature="salience")
     refine_onsets(al, notes, wave, 16000)
     moved = al.to_audio(notes[:, 0])
     assert abs(moved[0] - 0.5) <= 0.012 and moved[1] == pytest.approx(1.52), moved
+
+
+def test_refine_onsets_keeps_neighbouring_groups_apart():
+    # two groups 50 ms apart in the score, the path 25 ms late, one loud attack between them: at
+    # most one of them may take it, and they stay in order
+    notes = np.array([[1.0, 1.3, 60.0], [1.05, 1.3, 60.0 + 7]])
+    wave = _tones([1.02], [60], noise=1e-4)
+    al = Alignment(score_s=np.array([0.0, 3.0]), audio_s=np.array([0.025, 3.025]), cost=0.1, cost_ratio=0.5,
+                   fps=50.0, feature="salience")
+    refine_onsets(al, notes, wave, 16000)
+    moved = al.to_audio(notes[:, 0])
+    assert moved[1] - moved[0] >= 0.02, moved
 
 
 def test_transcriptor_feature_recovers_the_warp(warped):

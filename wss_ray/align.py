@@ -147,9 +147,11 @@ def _harmonic_template(pitch_min: int, pitch_max: int, n_harmonics: int = 8) -> 
 SALIENCE_RANGE = (24, 108)   # semitones C1..C8: the pitch range of the salience feature
 
 
-def semitone_spectrogram(wave: np.ndarray, sample_rate: int, hop: int, n_fft: int) -> tuple[np.ndarray, np.ndarray]:
+def semitone_spectrogram(wave: np.ndarray, sample_rate: int, hop: int, n_fft: int,
+                         win_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """((P, N) STFT magnitude pooled onto the semitones of SALIENCE_RANGE, (N,) frame energy);
-    frame i is centred on sample i * hop. The STFT runs block by block (librosa's, uncentred, on a
+    frame i is centred on sample i * hop; ``win_length`` (default n_fft) samples of window,
+    zero-padded to n_fft. The STFT runs block by block (librosa's, uncentred, on a
     zero-padded copy: what a centred STFT computes), so memory does not grow with the song's
     spectrogram."""
     import librosa
@@ -166,7 +168,8 @@ def semitone_spectrogram(wave: np.ndarray, sample_rate: int, hop: int, n_fft: in
     for f0 in range(0, n_frames, per_block):
         f1 = min(n_frames, f0 + per_block)
         seg = x[f0 * hop:(f1 - 1) * hop + n_fft]
-        spec = np.abs(librosa.stft(seg, n_fft=n_fft, hop_length=hop, center=False))[:, :f1 - f0]
+        spec = np.abs(librosa.stft(seg, n_fft=n_fft, hop_length=hop, win_length=win_length,
+                                   center=False))[:, :f1 - f0]
         semis[:, f0:f1] = fb @ spec
         energy[f0:f1] = (spec.astype(np.float64) ** 2).sum(axis=0)
     return semis, energy
@@ -185,13 +188,16 @@ def salience_features(wave: np.ndarray, sample_rate: int, hop: int) -> np.ndarra
 
 
 # Onset refinement after the DTW (chosen on the validation split of a warped demo corpus,
-# benchmarks/bench_align.py): a fine grid (4 ms hop, 32 ms window: the DTW's 20 ms frames and
-# 4096-sample window blur attacks) and up to 60 ms either way of where the path put the onset.
+# benchmarks/bench_align.py; BENCHMARKS.md): a fine grid (4 ms hop, 32 ms window: the DTW's 20 ms
+# frames and 4096-sample window blur attacks) and up to 60 ms either way of where the path put
+# the onset.
 REFINE_HOP_S = 0.004
 REFINE_WINDOW_S = 0.032
 REFINE_REACH_S = 0.06
 REFINE_HARMONICS = 6
 REFINE_COMPRESSION = 100.0   # log(1 + C x / max): quiet attacks count next to loud ones
+REFINE_PEAK_RATIO = 2.0      # the chosen peak must exceed this many times the median strength in reach
+REFINE_MIN_RISE = 0.1        # and a rise of this much per note (log units, harmonics weighed 1/h)
 
 
 def refine_onsets(al: Alignment, notes: np.ndarray, wave: np.ndarray, sample_rate: int,
@@ -202,10 +208,16 @@ def refine_onsets(al: Alignment, notes: np.ndarray, wave: np.ndarray, sample_rat
     or coarser and its path slides along held notes; attacks are sharper than that. A slight
     preference for small moves (the strength is weighed down to half at the edge of the reach)
     keeps a group on the path's estimate when two attacks are equally strong; a group whose
-    pitches do not rise anywhere in reach stays where the path put it."""
+    strongest rise in reach does not stand out of the rest (no attack of its pitches there, only
+    noise) stays where the path put it, and no group moves past half-way to its neighbours."""
+    notes = np.asarray(notes, dtype=np.float64).reshape(-1, 3)
+    if not len(notes):
+        return al
     hop = max(1, int(round(REFINE_HOP_S * sample_rate)))
-    n_fft = 1 << math.ceil(math.log2(REFINE_WINDOW_S * sample_rate))
-    semis, _ = semitone_spectrogram(wave, sample_rate, hop, n_fft)
+    # the window in seconds whatever the rate (an attack is seen when it enters the window, so a
+    # longer one would see it earlier); zero-padded to a power of two
+    win = max(16, int(round(REFINE_WINDOW_S * sample_rate)))
+    semis, _ = semitone_spectrogram(wave, sample_rate, hop, 1 << math.ceil(math.log2(win)), win)
     logs = np.log1p(REFINE_COMPRESSION * semis / max(float(semis.max()), 1e-20))
     rise = np.maximum(np.diff(logs, axis=1, prepend=logs[:, :1]), 0.0)
     P, N = rise.shape
@@ -214,12 +226,18 @@ def refine_onsets(al: Alignment, notes: np.ndarray, wave: np.ndarray, sample_rat
     prior = 1.0 - 0.5 * (deltas / k) ** 2
     starts, group = np.unique(np.round(notes[:, 0], 4), return_inverse=True)
     mapped = al.to_audio(starts)
+    # each group searches only up to half-way to its neighbours' estimates, so two groups cannot
+    # swap or land on one attack
+    mid = (mapped[1:] + mapped[:-1]) / 2
+    lo = np.concatenate([[-np.inf], mid])
+    hi = np.concatenate([mid, [np.inf]])
     moves = np.zeros(len(starts))
     offsets = [int(round(12 * math.log2(h))) for h in range(1, REFINE_HARMONICS + 1)]
     for g in range(len(starts)):
         centre = int(round(mapped[g] * sample_rate / hop))
         frames = centre + deltas
-        ok = (frames >= 0) & (frames < N)
+        t = frames * hop / sample_rate
+        ok = (frames >= 0) & (frames < N) & (t >= lo[g]) & (t <= hi[g])
         if not ok.any():
             continue
         strength = np.zeros(len(deltas))
@@ -228,9 +246,14 @@ def refine_onsets(al: Alignment, notes: np.ndarray, wave: np.ndarray, sample_rat
                 q = int(p) + off - SALIENCE_RANGE[0]
                 if 0 <= q < P:
                     strength[ok] += rise[q, frames[ok]] / h
-        if strength.max() <= 0:
+        weighed = np.where(ok, strength * prior, 0.0)
+        best = int(np.argmax(weighed))
+        # a peak that does not stand out of its surroundings, or is too small a rise to be an
+        # attack of these notes, is noise
+        n_notes = int((group == g).sum())
+        if weighed[best] <= max(REFINE_PEAK_RATIO * float(np.median(strength[ok])), REFINE_MIN_RISE * n_notes):
             continue
-        moves[g] = deltas[int(np.argmax(strength * prior))] * hop / sample_rate
+        moves[g] = deltas[best] * hop / sample_rate
     knots = np.union1d(al.score_s, starts)
     audio = al.to_audio(knots) + np.interp(knots, starts, moves)
     al.score_s, al.audio_s = knots, np.maximum.accumulate(audio)

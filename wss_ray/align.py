@@ -5,14 +5,18 @@ Two representations of the audio, each with an onset channel (rises of the activ
 the score's note onsets) that pins the path to attacks rather than letting it slide along held
 chords:
 - ``salience`` (no model): the recording's STFT magnitude pooled onto semitones, against the
-  score's notes each spread over its harmonic series (onset error on synthetic test tracks: median
-  ~16 ms; librosa's chroma gave 52 ms on the same tracks: it cannot tell the bass's octave);
+  score's notes each spread over its harmonic series (onset error on synthetic test tracks by
+  the DTW alone: median ~16 ms; librosa's chroma gave 52 ms on the same tracks: it cannot tell
+  the bass's octave);
 - a trained transcriptor (any checkpoint that holds one): its pitch-activation roll, summed over
-  instruments, against the score's piano roll (median ~10 ms). Figures: BENCHMARKS.md.
+  instruments, against the score's piano roll (median ~12 ms by the DTW alone).
+
+After the DTW, :func:`refine_onsets` moves each group of onsets onto the recording's attack
+(median ~4 ms with either feature). Figures: BENCHMARKS.md.
 
 Memory is bounded: DTW keeps a cost matrix of (audio frames x score frames), so the frame rate
 is lowered for long inputs until the matrix stays under ``MAX_CELLS`` (50 frames/s up to
-about 1.5 minutes; a 10-minute song aligns at 7.2 frames/s in about 7 s, its alignment taking
+about 1.5 minutes; a 10-minute song aligns at 7.2 frames/s in 7-10 s, its alignment taking
 about 650 MB on top of the process: benchmarks/bench_align.py --long-minutes 10).
 """
 from __future__ import annotations

@@ -2,9 +2,12 @@
 supervised row (the backbone's ceiling) and the weak separator[c+h] row (trained through a
 given frozen transcriptor, no stems), over several seeds, scored on the multi-source table.
 
-Equal budget: every backbone's step time is measured first, side by side in this run (same
-batch, same process), then each row trains ``budget / step time`` steps; all rows use their
-last checkpoint. The default backbone for the budget is the best weak row on **validation**;
+Equal budget: every row's step time is measured first, side by side in this run, by a short
+run of the very loop that trains it (``train_local``: batches built from Arrow, random-offset
+windows, the optimizer step; not a resident batch, which leaves out the loop's fixed cost per
+step and gave fast models several times their budget), then each row trains ``budget / step
+time`` steps; all rows use their last checkpoint. The wall time each row took is reported
+beside its budget. The default backbone for the budget is the best weak row on **validation**;
 test and real-composition figures are reported, never used to choose.
 
     python benchmarks/bench_backbones.py --data FEATURES --transcriptor CKPT \\
@@ -20,6 +23,7 @@ import copy
 import json
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,9 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repo, without an install
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_check import step_speed  # noqa: E402
 from wss_ray.config import load_config  # noqa: E402
-from wss_ray.data.dataset import load_manifest, load_split  # noqa: E402
+from wss_ray.data.dataset import load_manifest  # noqa: E402
 from wss_ray.evaluate import _avg, _spread, evaluate  # noqa: E402
 from wss_ray.stages.base import StepContext  # noqa: E402
 from wss_ray.stages.runner import train_local  # noqa: E402
@@ -55,6 +58,24 @@ def n_params(cfg, manifest) -> int:
     return sum(p.numel() for p in ctx.new_separator().parameters())
 
 
+def loop_speed(stage: str, cfg, data: str, parent: str | None, warmup: int = 4) -> float:
+    """Seconds per step of ``train_local``'s loop for this row, from a short run of it that
+    crosses one epoch boundary (each epoch redraws the random-offset windows of the whole
+    split, 1-2 s on 2 cores: a large share of a fast model's step); the last step, which
+    validates and saves, left out."""
+    cfg = copy.deepcopy(cfg)
+    st = cfg.stages[stage]
+    per_epoch = load_manifest(data)["splits"]["train"]["chunks"] // st.batch_size
+    steps = per_epoch + 2 * warmup
+    st.steps = st.checkpoint_every = steps
+    st.val_batches = 1
+    stamps = []
+    with tempfile.TemporaryDirectory() as tmp:
+        train_local(stage, cfg, data, Path(tmp) / stage, parent=parent, log=None,
+                    on_step=lambda step, _m: stamps.append(time.perf_counter()))
+    return float(np.mean(np.diff(stamps[warmup - 1:steps - 1])))
+
+
 def averages(rows: list[dict]) -> dict:
     return {s: _avg(rows, s) for s in dict.fromkeys(r["system"] for r in rows)}
 
@@ -64,13 +85,15 @@ def markdown(report: dict) -> str:
     lines = [f"Backbones at {report['budget_s']:.0f} s of training per row on {report['machine']} "
              f"(seeds {report['seeds']}; multi-source SI-SDR avg over instruments, dB, mean ± sample std "
              "over seeds; last checkpoint)", ""]
-    head = "| backbone | params | s/step sup / weak | steps sup / weak |"
+    head = "| backbone | params | s/step sup / weak | steps sup / weak | wall s sup / weak |"
     for name in sets:
         head += f" supervised ({name}) | separator[c+h] ({name}) |"
-    lines += [head, "|" + "---|" * (4 + 2 * len(sets))]
+    lines += [head, "|" + "---|" * (5 + 2 * len(sets))]
     for arch, a in report["archs"].items():
+        wall = " / ".join(f"{np.mean(a['train_s'][s]):.0f}" if a.get("train_s", {}).get(s) else "-" for s in ROWS)
         line = (f"| {arch} | {a['params'] / 1e6:.2f} M | {a['s_per_step']['supervised']:.2f} / "
-                f"{a['s_per_step']['separator']:.2f} | {a['steps']['supervised']} / {a['steps']['separator']} |")
+                f"{a['s_per_step']['separator']:.2f} | {a['steps']['supervised']} / {a['steps']['separator']} | "
+                f"{wall} |")
         for name in sets:
             for stage in ROWS:
                 line += f" {_spread([r[name][ROWS[stage]] for r in a['runs'].get(stage, {}).values()])} |"
@@ -97,7 +120,6 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     manifest = load_manifest(a.data)
-    train_sup = load_split(a.data, "train", with_stems=True)
     eval_sets = {"validation": (a.data, "validation"), "test": (a.data, "test")}
     if a.extra_test:
         eval_sets["real"] = (a.extra_test, "test")
@@ -110,13 +132,11 @@ def main() -> None:
         (out / "backbones.md").write_text(markdown(report))
 
     cfgs = {arch: load_config(a.config, [f"models.separator.arch={arch}", *CPU_SIZES[arch]]) for arch in a.archs}
-    # 1. step times, side by side (one batch resident, as gpu_check measures)
+    # 1. step times, side by side: a short run of each row's own training loop
     for arch, cfg in cfgs.items():
         sps = {}
         for stage in ROWS:
-            parent = a.transcriptor if stage == "separator" else None
-            sps[stage] = step_speed(stage, cfg, manifest, train_sup, parent, torch.device("cpu"),
-                                    steps=6, warmup=2)["ms_per_step"] / 1000
+            sps[stage] = loop_speed(stage, cfg, a.data, a.transcriptor if stage == "separator" else None)
         report["archs"][arch] = {"params": n_params(cfg, manifest), "sizes": CPU_SIZES[arch], "s_per_step": sps,
                                  "steps": {s: max(10, int(a.budget / sps[s])) for s in ROWS}, "runs": {}}
         print(f"[bench_backbones] {arch}: {report['archs'][arch]['params'] / 1e6:.2f} M params, "

@@ -67,27 +67,15 @@ def _train(stage: str, cfg_dict: dict, features: str, out: str, parent: str | No
     return row
 
 
-def plan(cfg) -> list[tuple[str, str, dict, str | None]]:
-    """(run name, stage, settings, parent run name) in an order where parents come first."""
+def plan(cfg) -> list[tuple[str, str, object, str | None]]:
+    """(run name, stage, its config, parent run name), parents first: the Ray pipeline's rows
+    (``wss_ray.pipeline.stage_plan``) under their run folders' names."""
+    from wss_ray.pipeline import stage_plan
     from wss_ray.stages.runner import run_name
 
-    p = cfg.pipeline
-    rows = [("transcriptor", "transcriptor", {}, None)]
-    seps = []
-    for masks in p.separator_variants:
-        v = copy.deepcopy(cfg)
-        v.stages["separator"].masks = list(masks)
-        seps.append(run_name("separator", v))
-        rows.append((seps[-1], "separator", {"masks": list(masks)}, "transcriptor"))
-    ft_masks = cfg.stages["finetune"].masks
-    parent = next((n for n, m in zip(seps, p.separator_variants) if list(m) == list(ft_masks)), seps[-1])
-    for adv in p.finetune_variants:
-        v = copy.deepcopy(cfg)
-        v.stages["finetune"].adversarial = list(adv)
-        rows.append((run_name("finetune", v), "finetune", {"adversarial": list(adv)}, parent))
-    rows += [("classifier", "classifier", {}, None), ("baseline", "baseline", {}, "classifier"),
-             ("supervised", "supervised", {}, None)]
-    return rows
+    rows = stage_plan(cfg)
+    names = {key: run_name(stage, c) for key, stage, c, _ in rows}
+    return [(names[key], stage, c, names.get(parent)) for key, stage, c, parent in rows]
 
 
 def main() -> int:
@@ -136,17 +124,15 @@ def main() -> int:
         report["wall_s"] = time.time() - t_all
         (out / "gpu_pipeline.json").write_text(json.dumps(report, indent=2, default=str))
 
-    def run_one(pool, name, stage, settings, parent) -> None:
+    def run_one(pool, name, stage, stage_cfg, parent) -> None:
         try:
             if parent:
                 done[parent].wait()
                 if parent not in ckpts:
                     report["failures"].append(f"{name}: parent {parent} failed")
                     return
-            c = copy.deepcopy(cfg)
+            c = copy.deepcopy(stage_cfg)
             s = c.stages[stage]
-            for k, v in settings.items():
-                setattr(s, k, v)
             s.steps = max(1, round(s.steps * args.steps_scale))
             s.checkpoint_every = min(s.checkpoint_every, s.steps)
             t0 = time.time() - t_all

@@ -244,6 +244,33 @@ def test_each_stage_has_only_its_own_settings():
         load_config(preset)
 
 
+def test_stage_plan_puts_parents_first_and_names_a_missing_one():
+    """The rows the Ray pipeline and the GPU script both train: every variant of the ablation
+    preset, each after its parent; a stage whose parent stage is left out is refused by name."""
+    from wss_ray.config import load_config
+    from wss_ray.pipeline import stage_plan
+
+    repo = Path(__file__).parent.parent
+    plan = stage_plan(load_config(repo / "configs" / "ablation.yaml"))
+    keys = [key for key, *_ in plan]
+    assert keys[:4] == ["transcriptor", "separator[c]", "separator[h]", "separator[c+h]"]
+    for i, (key, stage, cfg, parent) in enumerate(plan):
+        assert parent is None or parent in keys[:i], key
+        if stage == "separator":
+            assert key == f"separator[{'+'.join(cfg.stages['separator'].masks)}]"
+        if stage == "finetune":   # from the separator with fine-tuning's masks
+            assert parent == "separator[c+h]" and key == f"finetune[{'+'.join(cfg.stages['finetune'].adversarial) or 'none'}]"
+    assert [k for k in keys if k.startswith("finetune")] == ["finetune[none]", "finetune[aml]", "finetune[atl]"]
+    # a swept stage is one row; its variants live in the sweep
+    swept = stage_plan(load_config(repo / "configs" / "ablation.yaml"), swept={"separator"})
+    assert [k for k, *_ in swept if k.startswith("separator")] == ["separator"]
+    for stages, needle in ((["baseline", "supervised"], "baseline needs the classifier stage"),
+                           (["separator"], "separator needs the transcriptor stage"),
+                           (["transcriptor", "finetune"], "finetune needs the separator stage")):
+        with pytest.raises(ValueError, match=needle):
+            stage_plan(load_config(None, [f"pipeline.stages=[{', '.join(stages)}]"]))
+
+
 def test_recipes_declare_tunables_that_exist_on_their_stage():
     from wss_ray.config import Config
     from wss_ray.stages import RECIPES

@@ -136,15 +136,19 @@ def notes_onsets(notes: np.ndarray, n_frames: int, fps: float) -> np.ndarray:
     return count / max(float(count.max()), 1.0)
 
 
+def _harmonics(n_harmonics: int) -> list[tuple[int, float]]:
+    """(semitones above the fundamental of the h-th harmonic, rounded; its weight 1/h), h = 1..n."""
+    return [(int(round(12 * math.log2(h))), 1.0 / h) for h in range(1, n_harmonics + 1)]
+
+
 def _harmonic_template(pitch_min: int, pitch_max: int, n_harmonics: int = 8) -> np.ndarray:
     """(P, P) matrix: a note of pitch p puts 1/h of energy on the semitone nearest its h-th harmonic."""
     P = pitch_max - pitch_min + 1
     t = np.zeros((P, P))
     for p in range(P):
-        for h in range(1, n_harmonics + 1):
-            q = p + int(round(12 * math.log2(h)))
-            if q < P:
-                t[p, q] += 1.0 / h
+        for off, w in _harmonics(n_harmonics):
+            if p + off < P:
+                t[p, p + off] += w
     return t
 
 
@@ -236,7 +240,6 @@ def refine_onsets(al: Alignment, notes: np.ndarray, wave: np.ndarray, sample_rat
     lo = np.concatenate([[-np.inf], mid])
     hi = np.concatenate([mid, [np.inf]])
     moves = np.zeros(len(starts))
-    offsets = [int(round(12 * math.log2(h))) for h in range(1, REFINE_HARMONICS + 1)]
     for g in range(len(starts)):
         centre = int(round(mapped[g] * sample_rate / hop))
         frames = centre + deltas
@@ -246,10 +249,11 @@ def refine_onsets(al: Alignment, notes: np.ndarray, wave: np.ndarray, sample_rat
             continue
         strength = np.zeros(len(deltas))
         for p in notes[group == g, 2]:
-            for h, off in enumerate(offsets, start=1):
+            # a note below the range still counts its harmonics that fall inside it
+            for off, w in _harmonics(REFINE_HARMONICS):
                 q = int(p) + off - SALIENCE_RANGE[0]
                 if 0 <= q < P:
-                    strength[ok] += rise[q, frames[ok]] / h
+                    strength[ok] += w * rise[q, frames[ok]]
         weighed = np.where(ok, strength * prior, 0.0)
         best = int(np.argmax(weighed))
         # a peak that does not stand out of its surroundings, or is too small a rise to be an

@@ -19,6 +19,48 @@ def _variant(cfg: Config, stage: str, **fields) -> Config:
     return v
 
 
+def stage_plan(cfg: Config, swept: frozenset[str] | set[str] = frozenset()) -> list[tuple[str, str, Config, str | None]]:
+    """(row key, stage, the stage's config, its parent's row key) for ``pipeline.stages``,
+    parents first: the separator once per ``separator_variants`` mask set, fine-tuning once per
+    ``finetune_variants`` adversary set from the separator with its masks (else the last one).
+    A stage in ``swept`` is one row under its own name (its sweep holds the variants). Shared
+    by the Ray pipeline and the GPU script, so both train the same rows."""
+    wanted, p = set(cfg.pipeline.stages), cfg.pipeline
+    plan: list[tuple[str, str, Config, str | None]] = []
+    if "transcriptor" in wanted:
+        plan.append(("transcriptor", "transcriptor", cfg, None))
+    separators: dict[tuple, str] = {}
+    if "separator" in wanted:
+        if "separator" in swept:
+            separators[("swept",)] = "separator"
+            plan.append(("separator", "separator", cfg, "transcriptor"))
+        else:
+            for masks in p.separator_variants:
+                key = separators[tuple(masks)] = f"separator[{'+'.join(masks)}]"
+                plan.append((key, "separator", _variant(cfg, "separator", masks=masks), "transcriptor"))
+    if "finetune" in wanted:
+        if not separators:
+            raise ValueError("pipeline.stages: finetune needs the separator stage")
+        parent = separators.get(tuple(cfg.stages["finetune"].masks), list(separators.values())[-1])
+        if "finetune" in swept:
+            plan.append(("finetune", "finetune", cfg, parent))
+        else:
+            for adv in p.finetune_variants:
+                plan.append((f"finetune[{'+'.join(adv) or 'none'}]", "finetune",
+                             _variant(cfg, "finetune", adversarial=adv), parent))
+    if "classifier" in wanted:
+        plan.append(("classifier", "classifier", cfg, None))
+    if "baseline" in wanted:
+        plan.append(("baseline", "baseline", cfg, "classifier"))
+    if "supervised" in wanted:
+        plan.append(("supervised", "supervised", cfg, None))
+    keys = {key: stage for key, stage, _, _ in plan}
+    for _, stage, _, parent in plan:
+        if parent and parent not in keys:
+            raise ValueError(f"pipeline.stages: {stage} needs the {parent.split('[')[0]} stage")
+    return plan
+
+
 def prepare_data(cfg: Config, out: Path, log=print) -> Path:
     from wss_ray.data.featurize import featurize
     from wss_ray.data.synth import synthesize_corpus
@@ -65,7 +107,6 @@ def run_pipeline(cfg: Config, out: str | Path, data: str | Path | None = None, l
     features = Path(data).resolve() if data else prepare_data(cfg, out, log)
     if cfg.pipeline.score_benchmark and scores_data is None:
         scores_data = prepare_scores(cfg, out, log)
-    wanted = set(cfg.pipeline.stages)
     trained: dict[str, Path] = {}
 
     sweeps: dict[str, str] = {}   # stage -> Tune experiment folder (every trial is evaluated)
@@ -97,32 +138,8 @@ def run_pipeline(cfg: Config, out: str | Path, data: str | Path | None = None, l
         # the best trial becomes this stage's checkpoint: the next stage and a rerun use it
         return export_checkpoint(Checkpoint(record["checkpoint"]), folder)
 
-    if "transcriptor" in wanted:
-        trained["transcriptor"] = stage("transcriptor", cfg)
-    separators = {}
-    if "separator" in wanted and "separator" in cfg.pipeline.sweeps:
-        separators["swept"] = trained["separator"] = stage("separator", cfg, trained["transcriptor"])
-    elif "separator" in wanted:
-        for masks in cfg.pipeline.separator_variants:
-            v = _variant(cfg, "separator", masks=masks)
-            separators[tuple(masks)] = trained[f"separator[{'+'.join(masks)}]"] = stage(
-                "separator", v, trained["transcriptor"])
-    if "finetune" in wanted:
-        if not separators:
-            raise ValueError("pipeline.stages: finetune needs the separator stage")
-        parent = separators.get(tuple(cfg.stages["finetune"].masks), list(separators.values())[-1])
-        if "finetune" in cfg.pipeline.sweeps:
-            trained["finetune"] = stage("finetune", cfg, parent)
-        else:
-            for adv in cfg.pipeline.finetune_variants:
-                v = _variant(cfg, "finetune", adversarial=adv)
-                trained[f"finetune[{'+'.join(adv) or 'none'}]"] = stage("finetune", v, parent)
-    if "classifier" in wanted:
-        trained["classifier"] = stage("classifier", cfg)
-    if "baseline" in wanted:
-        trained["baseline"] = stage("baseline", cfg, trained["classifier"])
-    if "supervised" in wanted:
-        trained["supervised"] = stage("supervised", cfg)
+    for key, name, scfg, parent in stage_plan(cfg, swept=set(cfg.pipeline.sweeps)):
+        trained[key] = stage(name, scfg, trained[parent] if parent else None)
     release_held()   # the splits kept for the next stage: evaluation reads its own
 
     # a swept stage contributes its Tune experiment: one row per trial (the paper's ablations)

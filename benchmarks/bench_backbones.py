@@ -65,7 +65,9 @@ def loop_speed(stage: str, cfg, data: str, parent: str | None, warmup: int = 4) 
     validates and saves, left out."""
     cfg = copy.deepcopy(cfg)
     st = cfg.stages[stage]
-    per_epoch = load_manifest(data)["splits"]["train"]["chunks"] // st.batch_size
+    # capped: on a large split the measurement would outlast the budget (and the boundary's
+    # share of a step shrinks with the epoch's length anyway)
+    per_epoch = min(load_manifest(data)["splits"]["train"]["chunks"] // st.batch_size, 400)
     steps = per_epoch + 2 * warmup
     st.steps = st.checkpoint_every = steps
     st.val_batches = 1
@@ -90,13 +92,16 @@ def markdown(report: dict) -> str:
         head += f" supervised ({name}) | separator[c+h] ({name}) |"
     lines += [head, "|" + "---|" * (5 + 2 * len(sets))]
     for arch, a in report["archs"].items():
-        wall = " / ".join(f"{np.mean(a['train_s'][s]):.0f}" if a.get("train_s", {}).get(s) else "-" for s in ROWS)
-        line = (f"| {arch} | {a['params'] / 1e6:.2f} M | {a['s_per_step']['supervised']:.2f} / "
-                f"{a['s_per_step']['separator']:.2f} | {a['steps']['supervised']} / {a['steps']['separator']} | "
-                f"{wall} |")
+        def per_row(fmt, get) -> str:   # "-" for a row the run left out (--rows)
+            return " / ".join(fmt(get(s)) if s in a["s_per_step"] and get(s) is not None else "-" for s in ROWS)
+
+        line = (f"| {arch} | {a['params'] / 1e6:.2f} M | {per_row('{:.2f}'.format, a['s_per_step'].get)} | "
+                f"{per_row(str, a['steps'].get)} | "
+                f"{per_row('{:.0f}'.format, lambda s: np.mean(a['train_s'][s]) if a.get('train_s', {}).get(s) else None)} |")
         for name in sets:
             for stage in ROWS:
-                line += f" {_spread([r[name][ROWS[stage]] for r in a['runs'].get(stage, {}).values()])} |"
+                runs = a["runs"].get(stage, {}).values()
+                line += f" {_spread([r[name][ROWS[stage]] for r in runs]) if runs else '-'} |"
         lines.append(line)
     mix = {name: report.get("mixture", {}).get(name) for name in sets}
     lines += ["", "mixture row: " + ", ".join(f"{n} {v:.2f}" for n, v in mix.items() if v is not None)]
@@ -114,6 +119,11 @@ def main() -> None:
     ap.add_argument("--archs", nargs="+", default=list(CPU_SIZES), choices=list(CPU_SIZES))
     ap.add_argument("--budget", type=float, default=150.0, help="training seconds per row")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS),
+                    help="which rows to train (supervised: the ceiling; separator: the weak row)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting for every backbone, after the bench's sizes (e.g. "
+                         "models.separator.umx.hidden=256); repeatable")
     ap.add_argument("--out", default="bench_backbones")
     a = ap.parse_args()
     out = Path(a.out)
@@ -131,23 +141,26 @@ def main() -> None:
         (out / "backbones.json").write_text(json.dumps(report, indent=2))
         (out / "backbones.md").write_text(markdown(report))
 
-    cfgs = {arch: load_config(a.config, [f"models.separator.arch={arch}", *CPU_SIZES[arch]]) for arch in a.archs}
+    rows = {stage: ROWS[stage] for stage in a.rows}
+    report["overrides"] = a.overrides
+    cfgs = {arch: load_config(a.config, [f"models.separator.arch={arch}", *CPU_SIZES[arch], *a.overrides])
+            for arch in a.archs}
     # 1. step times, side by side: a short run of each row's own training loop
     for arch, cfg in cfgs.items():
         sps = {}
-        for stage in ROWS:
+        for stage in rows:
             sps[stage] = loop_speed(stage, cfg, a.data, a.transcriptor if stage == "separator" else None)
         report["archs"][arch] = {"params": n_params(cfg, manifest), "sizes": CPU_SIZES[arch], "s_per_step": sps,
-                                 "steps": {s: max(10, int(a.budget / sps[s])) for s in ROWS}, "runs": {}}
+                                 "steps": {s: max(10, int(a.budget / sps[s])) for s in rows}, "runs": {}}
         print(f"[bench_backbones] {arch}: {report['archs'][arch]['params'] / 1e6:.2f} M params, "
-              f"{sps['supervised']:.2f} s/step supervised, {sps['separator']:.2f} s/step separator", flush=True)
+              + ", ".join(f"{v:.2f} s/step {k}" for k, v in sps.items()), flush=True)
     save()
     # 2. train each row for its steps, evaluate the last checkpoint
     for arch, cfg0 in cfgs.items():
         info = report["archs"][arch]
         for seed in a.seeds:
             ckpts = {}
-            for stage in ROWS:
+            for stage in rows:
                 cfg = copy.deepcopy(cfg0)
                 cfg.seed = seed
                 st = cfg.stages[stage]
@@ -160,14 +173,14 @@ def main() -> None:
                 print(f"[bench_backbones] {arch} seed {seed} {stage}: {st.steps} steps in {time.time() - t0:.0f} s",
                       flush=True)
             for name, (data, split) in eval_sets.items():
-                rows = evaluate([str(ckpts[s]) for s in ROWS], data, out / "eval" / arch / f"seed{seed}" / name,
-                                split=split, log=lambda *_: None)
-                avg = averages(rows)
+                table = evaluate([str(ckpts[s]) for s in rows], data, out / "eval" / arch / f"seed{seed}" / name,
+                                 split=split, log=lambda *_: None)
+                avg = averages(table)
                 report.setdefault("mixture", {})[name] = avg.get("mixture")
-                for stage, system in ROWS.items():
+                for stage, system in rows.items():
                     info["runs"].setdefault(stage, {}).setdefault(str(seed), {})[name] = {system: avg.get(system)}
                 print(f"[bench_backbones] {arch} seed {seed} {name}: "
-                      + ", ".join(f"{ROWS[s]} {avg.get(ROWS[s], float('nan')):.2f}" for s in ROWS), flush=True)
+                      + ", ".join(f"{ROWS[s]} {avg.get(ROWS[s], float('nan')):.2f}" for s in rows), flush=True)
             save()
     weak = {arch: np.mean([r["validation"]["separator[c+h]"] for r in info["runs"]["separator"].values()])
             for arch, info in report["archs"].items() if info["runs"].get("separator")}

@@ -1,5 +1,6 @@
-"""Every Table-1 row of a config (`configs/gpu.yaml`) on one GPU without Ray: the bare-machine
-counterpart of ``wss-ray pipeline``. Stages that do not depend on each other train side by side
+"""Every Table-1 row of a config (`configs/gpu.yaml`; the stages in its ``pipeline.stages``) on
+one GPU without Ray: the bare-machine counterpart of ``wss-ray pipeline``, training the same
+rows (``wss_ray.pipeline.stage_plan``). Stages that do not depend on each other train side by side
 in their own processes on the one GPU (what the Ray pipeline does with fractional GPUs):
 
     transcriptor -> separator[masks] -> finetune[each of pipeline.finetune_variants]

@@ -136,9 +136,10 @@ def notes_onsets(notes: np.ndarray, n_frames: int, fps: float) -> np.ndarray:
     return count / max(float(count.max()), 1.0)
 
 
-def _harmonics(n_harmonics: int) -> list[tuple[int, float]]:
-    """(semitones above the fundamental of the h-th harmonic, rounded; its weight 1/h), h = 1..n."""
-    return [(int(round(12 * math.log2(h))), 1.0 / h) for h in range(1, n_harmonics + 1)]
+def _harmonics(n_harmonics: int) -> list[tuple[int, int]]:
+    """(semitones above the fundamental of the h-th harmonic, rounded; h), h = 1..n; harmonic h
+    weighs 1/h."""
+    return [(int(round(12 * math.log2(h))), h) for h in range(1, n_harmonics + 1)]
 
 
 def _harmonic_template(pitch_min: int, pitch_max: int, n_harmonics: int = 8) -> np.ndarray:
@@ -146,9 +147,9 @@ def _harmonic_template(pitch_min: int, pitch_max: int, n_harmonics: int = 8) -> 
     P = pitch_max - pitch_min + 1
     t = np.zeros((P, P))
     for p in range(P):
-        for off, w in _harmonics(n_harmonics):
+        for off, h in _harmonics(n_harmonics):
             if p + off < P:
-                t[p, p + off] += w
+                t[p, p + off] += 1.0 / h
     return t
 
 
@@ -250,10 +251,10 @@ def refine_onsets(al: Alignment, notes: np.ndarray, wave: np.ndarray, sample_rat
         strength = np.zeros(len(deltas))
         for p in notes[group == g, 2]:
             # a note below the range still counts its harmonics that fall inside it
-            for off, w in _harmonics(REFINE_HARMONICS):
+            for off, h in _harmonics(REFINE_HARMONICS):
                 q = int(p) + off - SALIENCE_RANGE[0]
                 if 0 <= q < P:
-                    strength[ok] += w * rise[q, frames[ok]]
+                    strength[ok] += rise[q, frames[ok]] / h
         weighed = np.where(ok, strength * prior, 0.0)
         best = int(np.argmax(weighed))
         # a peak that does not stand out of its surroundings, or is too small a rise to be an

@@ -54,7 +54,7 @@ def stage_plan(cfg: Config, swept: frozenset[str] | set[str] = frozenset()) -> l
         plan.append(("baseline", "baseline", cfg, "classifier"))
     if "supervised" in wanted:
         plan.append(("supervised", "supervised", cfg, None))
-    keys = {key: stage for key, stage, _, _ in plan}
+    keys = {key for key, *_ in plan}
     for _, stage, _, parent in plan:
         if parent and parent not in keys:
             raise ValueError(f"pipeline.stages: {stage} needs the {parent.split('[')[0]} stage")

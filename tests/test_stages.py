@@ -121,15 +121,18 @@ def test_worker_failure_is_retried_and_resumes(tmp_path, features, small_cfg):
     assert meta["step"] == 6 and meta["resumed_from"] == [3]
 
 
-def test_preserve_order_makes_a_single_worker_run_reproducible(tmp_path, features, small_cfg):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_preserve_order_makes_a_run_reproducible(tmp_path, features, small_cfg, workers):
     """Seeds fix initial weights and shuffles; ray.preserve_order also fixes the order in which
-    Ray Data delivers blocks, so two runs end with identical weights."""
+    Ray Data delivers blocks and, with two DDP workers, which rows each worker gets, so two runs
+    end with identical weights. (This corpus is too small for a streaming split's timing to
+    show; the next test checks the mechanism that removes it.)"""
     import copy
 
     import torch
 
     cfg = copy.deepcopy(small_cfg)
-    cfg.ray.workers, cfg.ray.preserve_order = 1, True
+    cfg.ray.workers, cfg.ray.preserve_order = workers, True
     cfg.stages["transcriptor"].steps = 6
     from wss_ray.data.dataset import release_held
 
@@ -139,6 +142,37 @@ def test_preserve_order_makes_a_single_worker_run_reproducible(tmp_path, feature
         runs.append(train_stage("transcriptor", cfg, features, out=tmp_path / f"run{i}", log=lambda *_: None))
     a, b = (torch.load(r / "model.pt", weights_only=True)["models"]["transcriptor"]["state"] for r in runs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_preserve_order_deals_rows_by_rank_instead_of_a_streaming_split(tmp_path, features, small_cfg):
+    """A streaming split hands blocks to whichever worker asks first, so with several workers the
+    rows each one trains on follow timing. Under ray.preserve_order the stream is left unsplit
+    and each worker keeps rows rank, rank + world, ... of every batch of batch * world rows: the
+    workers' rows partition the stream, the same in every run, and each gets full batches."""
+    import copy
+
+    import torch
+
+    from wss_ray.data.dataset import load_manifest, weak_dataset
+    from wss_ray.stages.runner import _arrow_batches, build_trainer
+
+    cfg = copy.deepcopy(small_cfg)
+    cfg.ray.workers, cfg.ray.preserve_order = 2, True
+    trainer = build_trainer("transcriptor", cfg, features, None, name="t", storage=str(tmp_path))
+    assert trainer.data_config._datasets_to_split == []
+    assert trainer.train_loop_config["deal_rows"] is True
+    cfg.ray.preserve_order = False   # the default keeps Ray's split: no read of the data per worker
+    trainer = build_trainer("transcriptor", cfg, features, None, name="t", storage=str(tmp_path))
+    assert trainer.train_loop_config["deal_rows"] is False
+
+    manifest = load_manifest(features)
+    ds = weak_dataset(features, "train", 1, seed=0)
+    whole = [b["mix"] for b in _arrow_batches(ds.iterator(), manifest, 4, seed=5)]
+    ranks = [[b["mix"] for b in _arrow_batches(ds.iterator(), manifest, 2, 5, rank, 2)] for rank in (0, 1)]
+    assert len(whole) == len(ranks[0]) == len(ranks[1]) > 0
+    for w, r0, r1 in zip(whole, *ranks):
+        assert r0.shape[0] == r1.shape[0] == 2                     # full batches on both workers
+        assert torch.equal(w[0::2], r0) and torch.equal(w[1::2], r1)
 
 
 def test_weak_stage_never_opens_stems(tmp_path, features, small_cfg, pipeline_out):

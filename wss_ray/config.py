@@ -354,9 +354,10 @@ class RayConfig(Section):
     # How a run's workers are placed on nodes: PACK (fewest nodes, the default), SPREAD
     # (one per node where possible), STRICT_PACK / STRICT_SPREAD (or fail to schedule).
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    # Keep Ray Data's block order fixed, so that a single-worker run is reproducible bit for bit
-    # (seeds alone are not enough: blocks otherwise arrive in completion order). Costs some
-    # ingest throughput; with several workers the split between them still follows timing.
+    # Keep Ray Data's block order fixed, so that a run is reproducible bit for bit (seeds alone
+    # are not enough: blocks otherwise arrive in completion order, and a streaming split deals
+    # them to workers by timing). Costs some ingest throughput; with several workers each one
+    # reads the whole stream and keeps its own rows (a read of the data per worker).
     preserve_order: bool = False
     # Training precision on CPU workers: bf16 autocast ("auto": where the CPU computes bf16
     # natively, AMX or AVX512-BF16) roughly halves the step of the stages whose gradient runs

@@ -117,12 +117,22 @@ def evaluate_batches(recipe: Recipe, ctx: StepContext, models: dict, batches: It
     return {k: v / n for k, v in totals.items()} if n else {}
 
 
-def _arrow_batches(shard, manifest: dict, batch_size: int, seed: int | None) -> Iterator[dict]:
-    """Training batches are full and locally shuffled; validation batches (seed None) are neither."""
+def _arrow_batches(shard, manifest: dict, batch_size: int, seed: int | None, rank: int = 0,
+                   world: int = 1) -> Iterator[dict]:
+    """Training batches are full and locally shuffled; validation batches (seed None) are neither.
+
+    ``world`` > 1: ``shard`` is the whole stream, the same on every worker (same order, same
+    shuffle seed), and this worker keeps rows rank, rank + world, ... of each batch of
+    batch_size * world rows; which rows a worker trains on then depends on nothing but the
+    seed, where a streaming split deals blocks to whichever worker asks first."""
     train = seed is not None
-    for arrow in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=train,
-                                    local_shuffle_buffer_size=4 * batch_size if train else None,
+    for arrow in shard.iter_batches(batch_size=batch_size * world, batch_format="pyarrow", drop_last=train,
+                                    local_shuffle_buffer_size=4 * batch_size * world if train else None,
                                     local_shuffle_seed=seed):
+        if world > 1:
+            arrow = arrow.take(list(range(rank, arrow.num_rows, world)))
+            if not arrow.num_rows:
+                continue
         yield to_tensors(arrow, manifest)
 
 
@@ -207,9 +217,18 @@ def _worker(config: dict) -> None:
             Path(marker).write_text(str(step))
             raise RuntimeError(f"injected failure at step {step}")
 
-    fit(recipe, ctx, models, opts,
-        train_batches=lambda epoch: _arrow_batches(train_shard, manifest, s.batch_size, cfg.seed + epoch * world + rank),
-        val_batches=lambda: _arrow_batches(val_shard, manifest, s.batch_size, None),
+    # deal_rows: every worker reads the whole stream and keeps its own rows (same seed on all)
+    deal = config.get("deal_rows", False)
+    own = (rank, world) if deal else (0, 1)
+
+    def train_batches(epoch: int) -> Iterator[dict]:
+        seed = cfg.seed + epoch if deal else cfg.seed + epoch * world + rank
+        return _arrow_batches(train_shard, manifest, s.batch_size, seed, *own)
+
+    def val_batches() -> Iterator[dict]:
+        return _arrow_batches(val_shard, manifest, s.batch_size, None, *own)
+
+    fit(recipe, ctx, models, opts, train_batches=train_batches, val_batches=val_batches,
         on_checkpoint=on_checkpoint, start_step=start, log=say if rank == 0 else None, after_step=after_step)
     if writer:
         writer.close()
@@ -275,7 +294,11 @@ def build_trainer(stage: str, cfg: Config, data: str | Path, parent: str | None,
 
         options = IngestConfig.default_ingest_options()
         options.preserve_order = True
-        dataset_config = IngestConfig(execution_options=options)
+        # a streaming split deals blocks to workers by timing even in a fixed order; unsplit,
+        # every worker reads the whole stream and keeps rows by rank (_arrow_batches), so a
+        # run with several workers repeats too, for a read of the data per worker
+        dataset_config = IngestConfig(datasets_to_split=[] if cfg.ray.workers > 1 else "all",
+                                      execution_options=options)
     with _driver_preserve_order(cfg.ray.preserve_order):  # a small split is materialized right here
         datasets = {"train": open_split(data, "train", repeat, cfg.seed, windows=scfg.random_windows),
                     "val": open_split(data, val_split)}
@@ -285,6 +308,7 @@ def build_trainer(stage: str, cfg: Config, data: str | Path, parent: str | None,
         _worker,
         train_loop_config={"stage": stage, "cfg": cfg.to_dict(), "manifest": manifest, "parent": parent_path,
                            "meta": meta, "fail_once_at": fail_once_at, "fail_marker": fail_marker,
+                           "deal_rows": cfg.ray.preserve_order and cfg.ray.workers > 1,
                            # TensorBoard event files of this stage (loss terms, validation, lr)
                            "tensorboard": tensorboard, "progress_file": progress_file},
         scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=cfg.ray.use_gpu,

@@ -289,16 +289,16 @@ def build_trainer(stage: str, cfg: Config, data: str | Path, parent: str | None,
         f"data {data.name} ({manifest['fingerprint']}), parent {parent_path or '-'}")
     resources = {"CPU": cfg.ray.cpus_per_worker}
     dataset_config = None
+    # a streaming split deals blocks to workers by timing even in a fixed order; unsplit, every
+    # worker reads the whole stream and keeps rows by rank (_arrow_batches), so a run with
+    # several workers repeats too, for a read of the data per worker
+    deal_rows = cfg.ray.preserve_order and cfg.ray.workers > 1
     if cfg.ray.preserve_order:
         from ray.train import DataConfig as IngestConfig
 
         options = IngestConfig.default_ingest_options()
         options.preserve_order = True
-        # a streaming split deals blocks to workers by timing even in a fixed order; unsplit,
-        # every worker reads the whole stream and keeps rows by rank (_arrow_batches), so a
-        # run with several workers repeats too, for a read of the data per worker
-        dataset_config = IngestConfig(datasets_to_split=[] if cfg.ray.workers > 1 else "all",
-                                      execution_options=options)
+        dataset_config = IngestConfig(datasets_to_split=[] if deal_rows else "all", execution_options=options)
     with _driver_preserve_order(cfg.ray.preserve_order):  # a small split is materialized right here
         datasets = {"train": open_split(data, "train", repeat, cfg.seed, windows=scfg.random_windows),
                     "val": open_split(data, val_split)}
@@ -308,7 +308,7 @@ def build_trainer(stage: str, cfg: Config, data: str | Path, parent: str | None,
         _worker,
         train_loop_config={"stage": stage, "cfg": cfg.to_dict(), "manifest": manifest, "parent": parent_path,
                            "meta": meta, "fail_once_at": fail_once_at, "fail_marker": fail_marker,
-                           "deal_rows": cfg.ray.preserve_order and cfg.ray.workers > 1,
+                           "deal_rows": deal_rows,
                            # TensorBoard event files of this stage (loss terms, validation, lr)
                            "tensorboard": tensorboard, "progress_file": progress_file},
         scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=cfg.ray.use_gpu,

@@ -369,3 +369,105 @@ def test_stages_of_a_pipeline_reuse_the_splits_read_before(features, ray_local, 
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
     assert weak_dataset(copy, "validation") is not first
     assert rows(weak_dataset(copy, "validation")) == rows(val)
+
+
+def test_weight_averages_are_what_validation_scores_and_a_resume_continues():
+    """stages.<stage>.ema: after every step the average moves (1 - ema) of the way to the
+    trained weights (the first step copies them); validation reads the average, not the
+    trained weights; a resumed average continues from the checkpoint's instead of restarting."""
+    from types import SimpleNamespace
+
+    from wss_ray.stages.averaging import WeightAverages
+    from wss_ray.stages.runner import fit
+
+    class Recipe:
+        name = "averaged"
+
+        def update(self, batch, models, opts, ctx, step):
+            with torch.no_grad():
+                models["m"].weight.add_(1.0)   # trained weight after step n: n
+            return {"loss": torch.tensor(0.0)}
+
+        def validate(self, batch, models, ctx):
+            return {"val_w": float(models["m"].weight)}
+
+    def run(averages, models, steps, start=0):
+        stage = SimpleNamespace(steps=steps, checkpoint_every=1, lr_schedule="constant", val_batches=1)
+        ctx = SimpleNamespace(stage=stage, device=torch.device("cpu"))
+        seen = []
+        fit(Recipe(), ctx, models, {}, train_batches=lambda epoch: [{"x": torch.zeros(1)}] * steps,
+            val_batches=lambda: [{"x": torch.zeros(1)}], on_checkpoint=lambda step, m: seen.append(m["val_w"]),
+            start_step=start, averages=averages)
+        return seen
+
+    def model():
+        m = nn.Linear(1, 1, bias=False)
+        m.weight.data.zero_()
+        return {"m": m}
+
+    models = model()
+    averages = WeightAverages(models, ("m",), decay=0.5)
+    expected, avg = [], None
+    for n in range(1, 5):
+        avg = float(n) if avg is None else 0.5 * avg + 0.5 * n
+        expected.append(avg)
+    assert run(averages, models, 4) == pytest.approx(expected)         # 1, 1.5, 2.25, 3.125
+    assert float(models["m"].weight) == 4.0                            # training itself untouched
+    assert float(averages.held(models)["m"].weight) == pytest.approx(3.125)
+    assert averages.trained(models) == {"m": models["m"]}
+
+    # resumed at step 4 from the checkpoint's average: step 5 lerps from it, no fresh copy
+    state = {"m": {"state": averages.held(models)["m"].state_dict()}}
+    fresh = model()
+    fresh["m"].weight.data.fill_(4.0)
+    resumed = WeightAverages(fresh, ("m",), decay=0.5)
+    resumed.load(state, step=4)
+    assert run(resumed, fresh, 5, start=4) == pytest.approx([0.5 * 3.125 + 0.5 * 5])
+
+    # ema 0: nothing is averaged, validation reads the trained weights
+    plain = model()
+    assert run(WeightAverages(plain, ("m",), decay=0.0), plain, 2) == [1.0, 2.0]
+
+
+def test_an_averaged_stage_checkpoint_serves_the_average_and_keeps_the_trained_weights(features, small_cfg,
+                                                                                    tmp_path):
+    """The checkpoint's models (what a child stage, evaluate and separate read) are the average;
+    the trained weights ride along for a resume only, and export leaves them behind."""
+    import copy
+
+    from wss_ray.checkpoint import export_model
+
+    cfg = copy.deepcopy(small_cfg)
+    s = cfg.stages["supervised"]
+    s.steps, s.checkpoint_every, s.batch_size, s.ema = 3, 3, 2, 0.5
+    ckpt = train_local("supervised", cfg, features, tmp_path / "sup", log=None)
+    payload, meta = load_checkpoint(ckpt)
+    held, trained = payload["models"]["separator"]["state"], payload["trained"]["separator"]["state"]
+    assert held.keys() == trained.keys()
+    assert any(v.is_floating_point() and not torch.equal(held[k], trained[k]) for k, v in held.items())
+    assert meta["config"]["stages"]["supervised"]["ema"] == 0.5
+    out = export_model(ckpt, tmp_path / "exported")
+    assert "trained" not in torch.load(out / "model.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("carry", [False, True])
+def test_finetune_separator_optimizer_continues_the_parents_only_when_asked(features, small_cfg, tmp_path, carry):
+    """stages.finetune.continue_optimizer: the separator's AdamW starts from the parent
+    checkpoint's moment estimates, at the fine-tuning stage's own lr; otherwise cold."""
+    from wss_ray.stages import RECIPES
+
+    cfg, sep = _one_step_separator(features, small_cfg, tmp_path)
+    cfg.stages["finetune"].continue_optimizer = carry
+    cfg.stages["finetune"].lr = 1.234e-4
+    parent = load_checkpoint(sep)[0]
+    ctx = StepContext(cfg, cfg.stages["finetune"], load_manifest(features), torch.device("cpu"), parent)
+    recipe = RECIPES["finetune"]
+    models = recipe.build(ctx)
+    opt = recipe.optimizers(models, ctx)["separator"]
+    assert [g["lr"] for g in opt.param_groups] == [1.234e-4] and "initial_lr" not in opt.param_groups[0]
+    saved = parent["optim"]["separator"]["state"]
+    if carry:
+        assert opt.state_dict()["state"].keys() == saved.keys() and saved
+        assert all(torch.equal(opt.state_dict()["state"][i]["exp_avg_sq"], saved[i]["exp_avg_sq"]) for i in saved)
+    else:
+        assert not opt.state

@@ -41,16 +41,22 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def _entries(models: dict[str, nn.Module]) -> dict:
+    return {name: {"class": type(unwrap(m)).__name__, "kwargs": unwrap(m).init_kwargs,
+                   "state": {k: v.detach().cpu() for k, v in unwrap(m).state_dict().items()}}
+            for name, m in models.items()}
+
+
 def save_checkpoint(path: str | Path, models: dict[str, nn.Module], meta: dict,
-                    optimizers: dict[str, torch.optim.Optimizer] | None = None) -> Path:
-    """Write atomically: a reader never sees a half-written checkpoint."""
+                    optimizers: dict[str, torch.optim.Optimizer] | None = None,
+                    trained: dict[str, nn.Module] | None = None) -> Path:
+    """Write atomically: a reader never sees a half-written checkpoint. ``models``: what the
+    checkpoint serves (weight averages where the stage keeps them); ``trained``: the weights
+    the optimizers step, kept only to resume training (export drops them)."""
     path = Path(path)
-    payload = {
-        "models": {name: {"class": type(unwrap(m)).__name__, "kwargs": unwrap(m).init_kwargs,
-                          "state": {k: v.detach().cpu() for k, v in unwrap(m).state_dict().items()}}
-                   for name, m in models.items()},
-        "optim": {name: o.state_dict() for name, o in (optimizers or {}).items()},
-    }
+    payload = {"models": _entries(models), "optim": {name: o.state_dict() for name, o in (optimizers or {}).items()}}
+    if trained:
+        payload["trained"] = _entries(trained)
     with atomic_path(path, directory=True) as tmp:
         torch.save(payload, tmp / MODEL_FILE)
         (tmp / META_FILE).write_text(json.dumps({k: v for k, v in meta.items() if k != "_path"}, indent=2,

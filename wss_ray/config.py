@@ -233,6 +233,9 @@ class StageSettings(Section):
     # final weights on short runs)
     lr_schedule: Literal["constant", "cosine"] = "constant"
     weight_decay: NonNeg = 0.0
+    # checkpoints hold the exponential moving average of the trained weights with this decay
+    # per step (it spans about 1/(1 - ema) steps); 0: the weights as trained (the paper)
+    ema: Annotated[float, Field(ge=0, lt=1)] = 0.0
     grad_clip: NonNeg = 5.0
     checkpoint_every: PosInt = 50
     val_batches: NonNegInt = 4
@@ -282,6 +285,10 @@ class FinetuneSettings(SeparatorSettings):
     beta: NonNeg = 0.1
     margin: NonNeg = 1.0
     t_lr: Pos = 1e-4
+    # [ours] the separator's AdamW continues from its parent's moment estimates (at this
+    # stage's lr) instead of starting cold: a cold Adam's first steps move every weight by
+    # about lr whatever its gradient's noise (BENCHMARKS.md, fine-tuning from its parent)
+    continue_optimizer: bool = False
 
     @field_validator("adversarial")
     @classmethod

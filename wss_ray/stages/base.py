@@ -27,7 +27,7 @@ def cpu_precision(setting: str = "auto") -> str:
 
 
 # every stage's optimisation settings (steps and checkpointing only change how long it runs)
-COMMON_TUNABLE = frozenset({"lr", "lr_schedule", "weight_decay", "grad_clip", "batch_size"})
+COMMON_TUNABLE = frozenset({"lr", "lr_schedule", "weight_decay", "ema", "grad_clip", "batch_size"})
 
 
 @dataclass

@@ -21,7 +21,7 @@ class FinetuneRecipe(ScoreValidated, Recipe):
     parents = ("separator",)
     trainable = ("separator", "transcriptor")
     tunable = SeparatorRecipe.tunable | {"adversarial", "lambda_t", "lambda_adv", "lambda_sep", "beta", "margin",
-                                         "t_lr"}
+                                         "t_lr", "continue_optimizer"}
     critic = "critic"
 
     def variant(self, stage):
@@ -39,8 +39,15 @@ class FinetuneRecipe(ScoreValidated, Recipe):
 
     def optimizers(self, models, ctx):
         s = ctx.stage
-        return {"separator": torch.optim.AdamW(models["separator"].parameters(), lr=s.lr, weight_decay=s.weight_decay),
+        opts = {"separator": torch.optim.AdamW(models["separator"].parameters(), lr=s.lr, weight_decay=s.weight_decay),
                 "transcriptor": torch.optim.AdamW(models["transcriptor"].parameters(), lr=s.t_lr)}
+        parent_state = (ctx.parent or {}).get("optim", {}).get("separator")
+        if s.continue_optimizer and parent_state:
+            opts["separator"].load_state_dict(parent_state)
+            for g in opts["separator"].param_groups:   # the moments carry over, the settings are this stage's
+                g.pop("initial_lr", None)
+                g.update(lr=s.lr, weight_decay=s.weight_decay)
+        return opts
 
     def _perms(self, b: int, k: int, device, step: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(step)

@@ -24,6 +24,7 @@ from wss_ray.config import Config, config_from_dict
 from wss_ray.data.contract import MODEL_SIGNAL_KEYS, SIGNAL_KEYS, to_tensors
 from wss_ray.data.dataset import load_manifest, supervised_dataset, weak_dataset
 from wss_ray.stages import RECIPES
+from wss_ray.stages.averaging import WeightAverages
 from wss_ray.stages.base import Recipe, StepContext, as_floats, cpu_precision, critic_mode
 
 
@@ -48,8 +49,10 @@ def set_learning_rates(opts: dict, schedule: str, step: int, steps: int) -> None
 def fit(recipe: Recipe, ctx: StepContext, models: dict, opts: dict, train_batches: Callable[[int], Iterable[dict]],
         val_batches: Callable[[], Iterable[dict]], on_checkpoint: Callable[[int, dict], None],
         start_step: int = 0, log: Callable[[str], None] | None = None,
-        after_step: Callable[[int, dict], None] | None = None) -> dict:
-    """Train ``ctx.stage.steps`` updates; validate and checkpoint every ``checkpoint_every``."""
+        after_step: Callable[[int, dict], None] | None = None, averages: WeightAverages | None = None) -> dict:
+    """Train ``ctx.stage.steps`` updates; validate and checkpoint every ``checkpoint_every``.
+    ``averages``: updated after every step, and what validation scores (``on_checkpoint``'s
+    caller saves them, see WeightAverages)."""
     s = ctx.stage
     step, epoch, metrics = start_step, 0, {}
     log_every = max(1, s.steps // 10)
@@ -74,6 +77,8 @@ def fit(recipe: Recipe, ctx: StepContext, models: dict, opts: dict, train_batche
             wait += time.time() - t_ready
             set_learning_rates(opts, s.lr_schedule, step, s.steps)
             metrics = recipe.update(to_device(batch, ctx.device), models, opts, ctx, step)
+            if averages:
+                averages.update(models)
             step += 1
             seen += 1
             logged = log and (step % log_every == 0 or step == s.steps)
@@ -87,7 +92,8 @@ def fit(recipe: Recipe, ctx: StepContext, models: dict, opts: dict, train_batche
             if step % s.checkpoint_every == 0 or step == s.steps:
                 done = max(step - start_step, 1)
                 metrics.update({"s_per_step": (time.time() - t0) / done, "data_wait_s": wait / done})
-                metrics.update(evaluate_batches(recipe, ctx, models, val_batches()))
+                metrics.update(evaluate_batches(recipe, ctx, averages.held(models) if averages else models,
+                                                val_batches()))
                 set_modes()
                 on_checkpoint(step, metrics)
             if after_step:
@@ -171,6 +177,7 @@ def _worker(config: dict) -> None:
         models[name] = (ray.train.torch.prepare_model(models[name]) if name in recipe.trainable
                         else models[name].to(device))
     opts = recipe.optimizers(models, ctx)
+    averages = WeightAverages(models, recipe.trainable, ctx.stage.ema)
     meta = {**config["meta"], "precision": ctx.precision}
     start = 0
     checkpoint = ray.train.get_checkpoint()
@@ -178,10 +185,13 @@ def _worker(config: dict) -> None:
         with checkpoint.as_directory() as d:
             payload, old = load_checkpoint(d)
             for name, m in models.items():
-                unwrap(m).load_state_dict(payload["models"][name]["state"])
+                # "trained": the weights behind the averages the checkpoint holds as "models"
+                unwrap(m).load_state_dict(payload.get("trained", payload["models"]).get(
+                    name, payload["models"][name])["state"])
             for name, o in opts.items():
                 o.load_state_dict(payload["optim"][name])
             start = old["step"]
+            averages.load(payload["models"], start)
             meta["resumed_from"] = old.get("resumed_from", []) + [start]
         if rank == 0:
             say(f"[{stage}] resumed from the checkpoint of step {start}")
@@ -194,7 +204,8 @@ def _worker(config: dict) -> None:
         report = {"step": step, **metrics}
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
-                path = save_checkpoint(Path(tmp) / "ckpt", models, {**meta, "step": step, "metrics": report}, opts)
+                path = save_checkpoint(Path(tmp) / "ckpt", averages.held(models),
+                                       {**meta, "step": step, "metrics": report}, opts, averages.trained(models))
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
         else:
             ray.train.report(report, checkpoint=None)
@@ -229,7 +240,8 @@ def _worker(config: dict) -> None:
         return _arrow_batches(val_shard, manifest, s.batch_size, None, *own)
 
     fit(recipe, ctx, models, opts, train_batches=train_batches, val_batches=val_batches,
-        on_checkpoint=on_checkpoint, start_step=start, log=say if rank == 0 else None, after_step=after_step)
+        on_checkpoint=on_checkpoint, start_step=start, log=say if rank == 0 else None, after_step=after_step,
+        averages=averages)
     if writer:
         writer.close()
 
@@ -368,6 +380,7 @@ def train_local(stage: str, cfg: Config, data: str | Path, out: str | Path, pare
     ctx = StepContext(cfg, s, manifest, device, load_checkpoint(parent_path)[0] if parent_path else None)
     models = {n: m.to(device) for n, m in recipe.build(ctx).items()}
     opts = recipe.optimizers(models, ctx)
+    averages = WeightAverages(models, recipe.trainable, s.ema)
     train = load_split(data, "train", with_stems=recipe.needs_stems)
     if train.num_rows < s.batch_size:
         raise ValueError(f"{data}: the train split has {train.num_rows} chunks, fewer than batch_size {s.batch_size}")
@@ -377,7 +390,8 @@ def train_local(stage: str, cfg: Config, data: str | Path, out: str | Path, pare
     final = out / CHECKPOINT_DIR
 
     def on_checkpoint(step: int, metrics: dict) -> None:
-        save_checkpoint(final, models, {**meta, "step": step, "metrics": {"step": step, **metrics}}, opts)
+        save_checkpoint(final, averages.held(models), {**meta, "step": step, "metrics": {"step": step, **metrics}},
+                        opts, averages.trained(models))
 
     def after_step(step: int, metrics: dict) -> None:
         if on_step:
@@ -388,7 +402,7 @@ def train_local(stage: str, cfg: Config, data: str | Path, out: str | Path, pare
                                                drop_last=True,
                                                windows_seed=cfg.seed + epoch if s.random_windows else None),
         val_batches=lambda: iter_table(val, manifest, s.batch_size),
-        on_checkpoint=on_checkpoint, log=log, after_step=after_step)
+        on_checkpoint=on_checkpoint, log=log, after_step=after_step, averages=averages)
     return final
 
 

@@ -111,14 +111,28 @@ def test_resuming_a_finished_pipeline_retrains_nothing(pipeline_out, features, s
     assert not any("] training:" in line for line in lines), lines
 
 
-def test_worker_failure_is_retried_and_resumes(tmp_path, features, small_cfg):
+@pytest.mark.parametrize("ema", [0.0, 0.5])
+def test_worker_failure_is_retried_and_resumes(tmp_path, features, small_cfg, ema):
+    """With weight averaging (ema > 0) the checkpoints a Ray worker writes hold the average as
+    the models and the trained weights under "trained", and a resumed run continues both."""
+    import copy
+
+    import torch
+
+    cfg = copy.deepcopy(small_cfg)
+    cfg.stages["transcriptor"].ema = ema
     marker = tmp_path / "failed-once"
-    final = train_stage("transcriptor", small_cfg, features, out=tmp_path / "t", fail_once_at=4,
+    final = train_stage("transcriptor", cfg, features, out=tmp_path / "t", fail_once_at=4,
                         fail_marker=str(marker))
     assert marker.read_text() == "4"
     meta = read_meta(final)
     # checkpoints at steps 3 and 6: the retried worker group resumed at 3, then finished
     assert meta["step"] == 6 and meta["resumed_from"] == [3]
+    payload = torch.load(final / "model.pt", weights_only=True)
+    assert ("trained" in payload) == (ema > 0)
+    if ema:
+        held, trained = payload["models"]["transcriptor"]["state"], payload["trained"]["transcriptor"]["state"]
+        assert any(not torch.equal(held[k], trained[k]) for k in held)
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -439,35 +439,57 @@ def test_an_averaged_stage_checkpoint_serves_the_average_and_keeps_the_trained_w
 
     cfg = copy.deepcopy(small_cfg)
     s = cfg.stages["supervised"]
-    s.steps, s.checkpoint_every, s.batch_size, s.ema = 3, 3, 2, 0.5
+    s.steps, s.checkpoint_every, s.batch_size = 3, 3, 2
+    plain = load_checkpoint(train_local("supervised", cfg, features, tmp_path / "plain", log=None))[0]
+    s.ema = 0.5
     ckpt = train_local("supervised", cfg, features, tmp_path / "sup", log=None)
     payload, meta = load_checkpoint(ckpt)
     held, trained = payload["models"]["separator"]["state"], payload["trained"]["separator"]["state"]
-    assert held.keys() == trained.keys()
+    # the same seeded run without averaging ends at the trained weights; the average is elsewhere
+    same = plain["models"]["separator"]["state"]
+    assert "trained" not in plain and held.keys() == trained.keys() == same.keys()
+    assert all(torch.equal(trained[k], same[k]) for k in same)
     assert any(v.is_floating_point() and not torch.equal(held[k], trained[k]) for k, v in held.items())
     assert meta["config"]["stages"]["supervised"]["ema"] == 0.5
-    out = export_model(ckpt, tmp_path / "exported")
-    assert "trained" not in torch.load(out / "model.pt", weights_only=True)
+    exported = torch.load(export_model(ckpt, tmp_path / "exported") / "model.pt", weights_only=True)
+    assert all(torch.equal(v.half() if v.is_floating_point() else v, exported["models"]["separator"]["state"][k])
+               for k, v in held.items())
 
 
 @pytest.mark.parametrize("carry", [False, True])
 def test_finetune_separator_optimizer_continues_the_parents_only_when_asked(features, small_cfg, tmp_path, carry):
     """stages.finetune.continue_optimizer: the separator's AdamW starts from the parent
     checkpoint's moment estimates, at the fine-tuning stage's own lr; otherwise cold."""
+    import copy
+
     from wss_ray.stages import RECIPES
 
     cfg, sep = _one_step_separator(features, small_cfg, tmp_path)
     cfg.stages["finetune"].continue_optimizer = carry
     cfg.stages["finetune"].lr = 1.234e-4
     parent = load_checkpoint(sep)[0]
+    saved = copy.deepcopy(parent["optim"]["separator"]["state"])   # load_state_dict shares the tensors
     ctx = StepContext(cfg, cfg.stages["finetune"], load_manifest(features), torch.device("cpu"), parent)
     recipe = RECIPES["finetune"]
     models = recipe.build(ctx)
     opt = recipe.optimizers(models, ctx)["separator"]
     assert [g["lr"] for g in opt.param_groups] == [1.234e-4] and "initial_lr" not in opt.param_groups[0]
-    saved = parent["optim"]["separator"]["state"]
     if carry:
         assert opt.state_dict()["state"].keys() == saved.keys() and saved
         assert all(torch.equal(opt.state_dict()["state"][i]["exp_avg_sq"], saved[i]["exp_avg_sq"]) for i in saved)
     else:
         assert not opt.state
+
+
+def test_continuing_the_optimizer_refuses_a_parent_without_one(features, small_cfg, tmp_path):
+    """An exported separator keeps its stage but not its optimizer: asked to continue it, the
+    stage is refused before training, naming the checkpoint."""
+    from wss_ray.checkpoint import CheckpointError, export_model
+
+    cfg, sep = _one_step_separator(features, small_cfg, tmp_path)
+    exported = export_model(sep, tmp_path / "exported")
+    cfg.stages["finetune"].continue_optimizer = True
+    with pytest.raises(CheckpointError, match=f"{exported}.*no separator optimizer state"):
+        train_local("finetune", cfg, features, tmp_path / "ft", parent=str(exported), log=None)
+    cfg.stages["finetune"].steps = 1
+    assert train_local("finetune", cfg, features, tmp_path / "ft", parent=str(sep), log=None).is_dir()

@@ -248,7 +248,7 @@ def run_sweep(stage: str, cfg: Config, space: SearchSpace, data: str | Path, par
     recipe = RECIPES[stage]
     data = str(Path(data).resolve())
     manifest = load_manifest(data)
-    parent_path = check_parent(stage, parent, manifest)
+    parent_path = check_parent(stage, parent, manifest, cfg.stages[stage])
     if samples:
         space.samples = samples
     cfg = copy.deepcopy(cfg)

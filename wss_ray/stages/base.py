@@ -191,6 +191,9 @@ class Recipe(abc.ABC):
     def variant(self, stage: StageSettings) -> str:
         return ""
 
+    def check_parent_checkpoint(self, path: str, stage: StageSettings) -> None:
+        """Refuse (CheckpointError naming ``path``) a parent lacking what these settings need of it."""
+
     @abc.abstractmethod
     def build(self, ctx: StepContext) -> dict[str, nn.Module]:
         """Fresh models (parents' weights loaded, frozen critics frozen)."""

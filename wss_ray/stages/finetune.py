@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from wss_ray.checkpoint import CheckpointError, load_checkpoint
 from wss_ray.losses import (aml_separator_loss, aml_transcriptor_loss, leakage_transcription_loss,
                             recomposition, separation_transcription_loss, transcription_loss)
 from wss_ray.stages.base import Recipe, StepContext, apply_update, flat_sources, freeze, outside_graph
@@ -37,9 +38,17 @@ class FinetuneRecipe(ScoreValidated, Recipe):
     def _critic_name(ctx: StepContext) -> str:
         return "critic" if "critic" in ctx.parent["models"] else "transcriptor"
 
+    def check_parent_checkpoint(self, path, stage):
+        if stage.continue_optimizer and "separator" not in load_checkpoint(path)[0].get("optim", {}):
+            raise CheckpointError(f"{path}: holds no separator optimizer state (an exported checkpoint?), which "
+                                  "stages.finetune.continue_optimizer=true continues; pass the separator stage's "
+                                  "own checkpoint or set it false")
+
     def optimizers(self, models, ctx):
         s = ctx.stage
-        opts = {"separator": torch.optim.AdamW(models["separator"].parameters(), lr=s.lr, weight_decay=s.weight_decay),
+        # the parameters the parent's optimizer held (Recipe.optimizers), in its order
+        trained = [p for p in models["separator"].parameters() if p.requires_grad]
+        opts = {"separator": torch.optim.AdamW(trained, lr=s.lr, weight_decay=s.weight_decay),
                 "transcriptor": torch.optim.AdamW(models["transcriptor"].parameters(), lr=s.t_lr)}
         parent_state = (ctx.parent or {}).get("optim", {}).get("separator")
         if s.continue_optimizer and parent_state:

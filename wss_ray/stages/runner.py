@@ -246,7 +246,9 @@ def _worker(config: dict) -> None:
         writer.close()
 
 
-def check_parent(stage: str, parent: str | None, manifest: dict) -> str | None:
+def check_parent(stage: str, parent: str | None, manifest: dict, settings=None) -> str | None:
+    """The parent checkpoint's resolved path, refused (CheckpointError naming it) when it is of
+    the wrong stage or instruments, or lacks what ``settings`` (the stage's) need of it."""
     recipe = RECIPES[stage]
     if not recipe.parents:
         if parent:
@@ -264,6 +266,8 @@ def check_parent(stage: str, parent: str | None, manifest: dict) -> str | None:
     if meta.get("instruments") != manifest["instruments"]:
         raise CheckpointError(f"{path}: trained on instruments {meta.get('instruments')}, the data has "
                               f"{manifest['instruments']}")
+    if settings is not None:
+        recipe.check_parent_checkpoint(path, settings)
     return str(Path(path).resolve())
 
 
@@ -282,7 +286,7 @@ def build_trainer(stage: str, cfg: Config, data: str | Path, parent: str | None,
     data = Path(data).resolve()
     manifest = load_manifest(data)
     check_signal(cfg, manifest, data)
-    parent_path = check_parent(stage, parent, manifest)
+    parent_path = check_parent(stage, parent, manifest, cfg.stages[stage])
     # "auto" decided once, here: every rank of the job (and every trial) then computes alike
     cfg = cfg.model_copy(deep=True)
     cfg.ray.cpu_precision = cpu_precision(cfg.ray.cpu_precision)
@@ -373,7 +377,7 @@ def train_local(stage: str, cfg: Config, data: str | Path, out: str | Path, pare
     data = Path(data).resolve()
     manifest = load_manifest(data)
     check_signal(cfg, manifest, data)
-    parent_path = check_parent(stage, parent, manifest)
+    parent_path = check_parent(stage, parent, manifest, cfg.stages[stage])
     s = cfg.stages[stage]
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
@@ -471,7 +475,7 @@ def train_stage(stage: str, cfg: Config, data: str | Path, out: str | Path | Non
     storage = cfg.ray.storage or str(out / "ray")
     manifest = load_manifest(data)
     check_signal(cfg, manifest, Path(data))  # fail before Ray starts
-    check_parent(stage, parent, manifest)
+    check_parent(stage, parent, manifest, cfg.stages[stage])
     rows = manifest["splits"].get("train", {}).get("chunks", 0)
     if rows < cfg.stages[stage].batch_size * cfg.ray.workers:
         raise ValueError(f"{data}: the train split has {rows} chunks, fewer than batch_size x workers = "

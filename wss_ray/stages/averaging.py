@@ -20,12 +20,9 @@ class WeightAverages:
     """The EMA copies of ``names`` among ``models`` (none when ``decay`` is 0)."""
 
     def __init__(self, models: dict[str, nn.Module], names: tuple[str, ...], decay: float):
-        self.decay = decay
-        self.copies: dict[str, AveragedModel] = {}
-        if decay > 0:
-            self.copies = {n: AveragedModel(unwrap(models[n]), multi_avg_fn=get_ema_multi_avg_fn(decay),
-                                            use_buffers=True)
-                           for n in names if n in models}
+        self.copies: dict[str, AveragedModel] = {
+            n: AveragedModel(unwrap(models[n]), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+            for n in names if n in models and decay > 0}
 
     @torch.no_grad()
     def update(self, models: dict[str, nn.Module]) -> None:

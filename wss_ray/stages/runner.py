@@ -184,10 +184,10 @@ def _worker(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             payload, old = load_checkpoint(d)
+            # "trained": the weights behind the averages the checkpoint holds as "models"
+            states = {**payload["models"], **payload.get("trained", {})}
             for name, m in models.items():
-                # "trained": the weights behind the averages the checkpoint holds as "models"
-                unwrap(m).load_state_dict(payload.get("trained", payload["models"]).get(
-                    name, payload["models"][name])["state"])
+                unwrap(m).load_state_dict(states[name]["state"])
             for name, o in opts.items():
                 o.load_state_dict(payload["optim"][name])
             start = old["step"]

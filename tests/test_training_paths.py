@@ -164,8 +164,16 @@ def test_ray_training_reader_draws_windows_and_validation_does_not(features, ray
     np.testing.assert_array_equal(np.asarray(row["mix"]), audio[row["start"]:row["start"] + L])
     val = weak_dataset(features, "validation").take_all()
     assert all(r["start"] % L == 0 for r in val)
-    # the copies of a chunk are spread over the stream, not served back to back
+    # the copies of a chunk are spread over the stream, not served back to back; a stream of
+    # more copies with the same seed replays the copies drawn for the shorter one (a pipeline's
+    # stages differ only in how many they need) and draws only the rest
+    from wss_ray.data import dataset as held
+
+    before = set(held._held)
     stream = weak_dataset(features, "train", repeat=8, seed=1, windows=True).take_all()
+    assert len(set(held._held) - before) == 6
+    drawn = {(r["track"], r["chunk"], r["start"]) for r in stream}
+    assert {(r["track"], r["chunk"], r["start"]) for r in rows} <= drawn
     tracks = [r["track"] for r in stream]
     assert len(tracks) == 8 * len(rows) // 2
     runs, n = [], 1

@@ -13,9 +13,12 @@ within each class. Every excerpt goes to the ``test`` split.
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import tempfile
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -87,19 +90,44 @@ def piece_parts(path: str) -> list[tuple[str, np.ndarray]]:
     return out
 
 
+def _parsed(pieces: tuple[str, ...], workers: int) -> Iterator[tuple[str, object]]:
+    """(path, parts or the ScoreCorpusError) per piece, in order. With ``workers`` > 1 that many
+    pieces are parsed at once in fresh processes (music21 takes 2-10 s a piece, one core each;
+    spawned, not forked: the caller may hold a Ray driver's threads), at most ``workers`` ahead
+    of the consumer, so stopping early parses no more than that beyond what was needed."""
+    if workers <= 1:
+        yield from ((path, _parse_or_error(path)) for path in pieces)
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        ahead: deque = deque()
+        for path in pieces:
+            ahead.append((path, pool.submit(_parse_or_error, path)))
+            if len(ahead) >= workers:
+                yield ahead[0][0], ahead.popleft()[1].result()
+        while ahead:
+            yield ahead[0][0], ahead.popleft()[1].result()
+    finally:   # the consumer has enough: what is queued is dropped, a running parse is not waited for
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _parse_or_error(path: str):
+    try:
+        return piece_parts(path)
+    except ScoreCorpusError as e:
+        return e
+
+
 def excerpts(pieces: tuple[str, ...], n: int, seconds: float, per_piece: int = 2,
-             log: Callable[[str], None] = print) -> list[dict]:
+             log: Callable[[str], None] = print, workers: int = 1) -> list[dict]:
     """Up to ``n`` excerpts, at most ``per_piece`` from each piece in order (so only the pieces
-    needed are parsed), each a window of ``seconds`` where at least two targets have notes,
-    windows spread over the piece."""
+    needed are parsed, ``workers`` at a time), each a window of ``seconds`` where at least two
+    targets have notes, windows spread over the piece. The result does not depend on
+    ``workers``."""
     chosen, used = [], []
-    for path in pieces:
-        if len(chosen) >= n:
-            break
-        try:
-            parts = piece_parts(path)
-        except ScoreCorpusError as e:
-            log(f"[scores] skipped {e}")
+    for path, parts in _parsed(pieces, workers) if n > 0 else ():
+        if isinstance(parts, ScoreCorpusError):
+            log(f"[scores] skipped {parts}")
             continue
         end = max(p[:, 1].max() for _, p in parts)
         starts = np.arange(0.0, max(end - seconds, 0.0) + 1e-9, seconds)
@@ -114,6 +142,8 @@ def excerpts(pieces: tuple[str, ...], n: int, seconds: float, per_piece: int = 2
             if taken >= per_piece or len(chosen) >= n:
                 break
         used.append(f"{path.removesuffix('.mxl')} ({taken})")
+        if len(chosen) >= n:
+            break
     # one line for all pieces (each track's metadata names its piece and offset too)
     if used:
         log(f"[scores] excerpts taken from: {', '.join(used)}")
@@ -146,7 +176,7 @@ def render_score_corpus(out: str | Path, n: int = 24, seconds: float = 16.0, see
                         audio_format: str = "flac", pieces: tuple[str, ...] = PIECES,
                         log: Callable[[str], None] = print) -> dict:
     """Write ``n`` excerpts as a Slakh-format corpus (``<out>/test/TrackNNNNN``)."""
-    chosen = excerpts(pieces, n, seconds, log=log)
+    chosen = excerpts(pieces, n, seconds, log=log, workers=workers)
     if not chosen:
         raise ScoreCorpusError("no excerpt with two sounding targets in the chosen pieces")
     log(f"[scores] {len(chosen)} excerpts of {seconds:g} s from {len({c['piece'] for c in chosen})} pieces")

@@ -202,3 +202,30 @@ def test_boundary_tolerance_leaves_only_the_frames_around_onsets_and_offsets_unj
     exact = separation_transcription_loss(logits, y, tolerance=0)
     tolerant = separation_transcription_loss(logits, y, tolerance=1)
     assert tolerant < 1e-6 < exact
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [176, 175])
+def test_the_critics_pair_pooling_is_max_pool_to_the_bit(dtype, rows):
+    from wss_ray.models.transcriptor import PairMaxPool
+
+    torch.manual_seed(0)
+    # rounded: ties between the two rows of a pair are common, and the gradient must go where
+    # max pooling sends it (the first row)
+    x = torch.randn(3, 4, rows, 17).round(decimals=1).to(dtype)
+    x[0, 0, 2, 3] = x[0, 0, 3, 3] = 0.5
+    x[1, 2, 5, 0] = float("nan")
+    grad = torch.randn(3, 4, rows // 2, 17).to(dtype)
+    got = {}
+    for name, pool in (("max_pool", torch.nn.MaxPool2d((2, 1))), ("pair", PairMaxPool())):
+        leaf = x.clone().requires_grad_()
+        y = pool(leaf)
+        y.backward(grad)
+        got[name] = (y, leaf.grad)
+    (y0, g0), (y1, g1) = got["max_pool"], got["pair"]
+    assert y1.dtype == dtype and y1.shape == y0.shape
+    assert torch.equal(y0.isnan(), y1.isnan()) and y1.isnan().sum() == 1      # NaN in, NaN out
+    assert torch.equal(y0.nan_to_num(), y1.nan_to_num())
+    finite = ~x.isnan().any(dim=2, keepdim=True).expand_as(x)   # where a NaN took part, max_pool's own routing is its own
+    assert torch.equal(g0[finite], g1[finite])
+    assert g1[0, 0, 2, 3] == grad[0, 0, 1, 3] and g1[0, 0, 3, 3] == 0

@@ -9,6 +9,40 @@ from wss_ray.dsp import log_frequency_filterbank
 from wss_ray.models.precision import fp32_on_cpu
 
 
+class _PairMax(torch.autograd.Function):
+    """Max over adjacent pairs of rows (dim 2) of (B, C, H, W): ``nn.MaxPool2d((2, 1))`` to the
+    bit, values and gradients (a tie sends the gradient to the first row, NaN propagates, an odd
+    last row is dropped). The pairs are taken as the two halves of a (B, C, H/2, 2W) view, so
+    both passes are contiguous elementwise work: on the CPU the pooling kernel walks this layout
+    element by element (forward 38 ms against 4 here for the critic's 24 x 8 x 176 x 129 in a
+    separator step, forward and backward 43 against about 10 ms)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        pairs = x[:, :, :h - h % 2].reshape(b, c, h // 2, 2 * w)
+        upper, lower = pairs[..., :w], pairs[..., w:]
+        ctx.save_for_backward(upper >= lower)
+        ctx.shape = x.shape
+        return torch.maximum(upper, lower)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (first,) = ctx.saved_tensors
+        b, c, h, w = ctx.shape
+        m = first.to(grad.dtype)
+        out = torch.stack([grad * m, grad * (1 - m)], dim=3).reshape(b, c, h - h % 2, w)
+        return torch.cat([out, out.new_zeros(b, c, 1, w)], dim=2) if h % 2 else out
+
+
+class PairMaxPool(nn.Module):
+    """``nn.MaxPool2d((2, 1))``, faster on the CPU (see _PairMax); no parameters, so checkpoints
+    of either load in the other."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _PairMax.apply(x)
+
+
 class SpectroTrunk(nn.Module):
     """|X| (B, F, N) -> frame embeddings (B, N, 2H).
 
@@ -25,7 +59,7 @@ class SpectroTrunk(nn.Module):
         self.conv = nn.Sequential(
             nn.Conv2d(1, channels, 3, padding=1), nn.GELU(),
             nn.Conv2d(channels, channels, 3, padding=1), nn.GELU(),
-            nn.MaxPool2d((2, 1)),
+            PairMaxPool(),
         )
         self.proj = nn.Linear(channels * (n_log // 2), hidden)
         self.drop = nn.Dropout(dropout)

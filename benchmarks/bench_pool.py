@@ -3,7 +3,7 @@ values and gradients, computed as contiguous elementwise work), side by side in 
 of each stage whose step runs the transcriptor or classifier trunk (the plain loop on one
 resident batch, one intra-op thread: one Ray worker's share on the 2-core demo machine,
 bf16 autocast as the demo trains), and each stage's loss after the same steps from the same
-start, which must be equal.
+start, which must be equal (the script exits 1 when they are not).
 
     python benchmarks/bench_pool.py --data FEATURES --transcriptor T --classifier C --separator S
 """
@@ -69,6 +69,9 @@ def main() -> None:
         print(f"{stage}: max_pool {old:.3f} s/step, pair {new:.3f} s/step (x{old / new:.2f}); loss after "
               f"{args.steps + 2} steps {losses['max_pool']:.6f} / {losses['pair']:.6f}", flush=True)
     print(json.dumps(rows, indent=2))
+    differ = [k for k, r in rows.items() if r["loss_max_pool"] != r["loss_pair"]]
+    if differ:
+        sys.exit(f"the two poolings trained to different losses: {', '.join(differ)}")
 
 
 if __name__ == "__main__":

@@ -206,7 +206,7 @@ def test_boundary_tolerance_leaves_only_the_frames_around_onsets_and_offsets_unj
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [176, 175])
-def test_the_critics_pair_pooling_is_max_pool_to_the_bit(dtype, rows):
+def test_the_critics_pair_pooling_is_max_pool(dtype, rows):
     from wss_ray.models.transcriptor import PairMaxPool
 
     torch.manual_seed(0)

@@ -172,7 +172,7 @@ def _render_args(p: argparse.ArgumentParser) -> None:
     """What FluidSynth rendering takes, for every command that renders a corpus."""
     p.add_argument("--soundfont", help="General MIDI .sf2 (default: FluidR3_GM from fluid-soundfont-gm)")
     p.add_argument("--sample-rate", type=int, default=44100, help="rendering rate in Hz (default 44100, as Slakh)")
-    p.add_argument("--workers", type=int, default=2, help="parallel rendering processes (default 2)")
+    p.add_argument("--workers", type=int, default=2, help="parallel processes rendering (and, for `data scores`, parsing the scores) (default 2)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -68,15 +68,16 @@ _held: dict[tuple, tuple] = {}
 _held_on: tuple | None = None
 
 
-def _materialized(key: tuple, size: int, make):
+def _materialized(key: tuple, size: int, make, keep: tuple = ()):
     """``make().materialize()``, or the same dataset materialized earlier by this driver on the
     same Ray instance. Every stage of a pipeline opens the same splits with the same seed, and
     reading them (and drawing their windows) again cost 5-15 s of a 2-core machine per stage;
     the result is the same for the same files (path, size, mtime), options and seeds. The
-    oldest are let go beyond HELD_BYTES; blocks live as long as the dataset is referenced."""
+    oldest are let go beyond HELD_BYTES, never this one nor those in ``keep`` (the other
+    parts of the stream being built: evicting them would make the next stage miss them all);
+    blocks live as long as the dataset is referenced."""
     global _held_on
     import ray
-    from ray.data import DataContext
 
     if not ray.is_initialized():
         return make().materialize()                     # Ray Data starts an instance of its own
@@ -85,17 +86,27 @@ def _materialized(key: tuple, size: int, make):
     if here != _held_on:                                # object refs die with their Ray instance
         _held.clear()
         _held_on = here
-    # block order is part of the result when Ray Data is asked to keep it
-    key = (DataContext.get_current().execution_options.preserve_order, *key)
+    key = _held_key(key)
     if key in _held:
         _held[key] = _held.pop(key)                     # most recently used last
         return _held[key][0]
     ds = make().materialize()
     _held[key] = (ds, size)
     cap = min(HELD_BYTES, ray.cluster_resources().get("object_store_memory", HELD_BYTES) // 2)
-    while sum(v[1] for v in _held.values()) > cap and len(_held) > 1:
-        _held.pop(next(iter(_held)))
+    spare = {key, *map(_held_key, keep)}
+    while sum(v[1] for v in _held.values()) > cap:
+        old = next((k for k in _held if k not in spare), None)
+        if old is None:
+            break
+        _held.pop(old)
     return ds
+
+
+def _held_key(key: tuple) -> tuple:
+    from ray.data import DataContext
+
+    # block order is part of the result when Ray Data is asked to keep it
+    return (DataContext.get_current().execution_options.preserve_order, *key)
 
 
 def release_held() -> None:
@@ -161,12 +172,21 @@ def _passes(data_dir: str | Path, split: str, repeat: int, seed: int | None, att
         # training step.
         if windows:
             seeds = [int(rng.integers(1 << 31)) for _ in range(copies)]
-            # the split read once, then each copy drawn and held on its own: a stage that needs
-            # fewer copies (fine-tuning's 80 steps: 4) replays the first ones another stage drew
-            # with the same seed instead of reading and drawing again (16 s of a 2-core machine)
-            base = _materialized(source, size, lambda: read(files))
-            drawn = [_materialized((*source, w), size, lambda w=w: windowed(base, w)) for w in seeds]
-            once = drawn[0].union(*drawn[1:]) if copies > 1 else drawn[0]
+            # each copy drawn and held on its own: a stage that needs fewer copies (a short one,
+            # fine-tuning in the demo) replays the first ones another stage drew with the same
+            # seed instead of reading the split and drawing again
+            keys = [(*source, w) for w in seeds]
+            base = []
+
+            def draw(w):
+                if not base:                            # read once, and only if a copy is missing
+                    base.append(read(files).materialize())
+                return windowed(base[0], w)
+
+            drawn = [_materialized(k, size, lambda w=k[-1]: draw(w), keep=keys) for k in keys]
+            # materialized again: only block references are gathered (no task runs), and each
+            # pass then replays one input instead of planning an input per copy and a union
+            once = drawn[0].union(*drawn[1:]).materialize() if copies > 1 else drawn[0]
         else:
             once = _materialized(source, size, lambda: read(files))
         passes = [once.randomize_block_order(seed=int(rng.integers(1 << 31)))

@@ -13,7 +13,6 @@ within each class. Every excerpt goes to the ``test`` split.
 from __future__ import annotations
 
 import functools
-import multiprocessing
 import tempfile
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -22,7 +21,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from wss_ray.data.synth import PROGRAMS, Song, synthesize_corpus
+from wss_ray.data.synth import PROGRAMS, Song, pool_context, synthesize_corpus
 
 # music21 corpus paths (MusicXML), in a fixed order so a corpus is a pure function of its seed
 PIECES = tuple(
@@ -92,13 +91,13 @@ def piece_parts(path: str) -> list[tuple[str, np.ndarray]]:
 
 def _parsed(pieces: tuple[str, ...], workers: int) -> Iterator[tuple[str, object]]:
     """(path, parts or the ScoreCorpusError) per piece, in order. With ``workers`` > 1 that many
-    pieces are parsed at once in fresh processes (music21 takes 2-10 s a piece, one core each;
-    spawned, not forked: the caller may hold a Ray driver's threads), at most ``workers`` ahead
-    of the consumer, so stopping early parses no more than that beyond what was needed."""
+    pieces are parsed at once in worker processes (music21 takes 2-10 s a piece, one core each),
+    at most ``workers`` ahead of the consumer, so stopping early parses no more than that
+    beyond what was needed."""
     if workers <= 1:
         yield from ((path, _parse_or_error(path)) for path in pieces)
         return
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(workers, mp_context=pool_context())
     try:
         ahead: deque = deque()
         for path in pieces:
@@ -107,7 +106,9 @@ def _parsed(pieces: tuple[str, ...], workers: int) -> Iterator[tuple[str, object
                 yield ahead[0][0], ahead.popleft()[1].result()
         while ahead:
             yield ahead[0][0], ahead.popleft()[1].result()
-    finally:   # the consumer has enough: what is queued is dropped, a running parse is not waited for
+    finally:
+        # the consumer has enough: what is queued is dropped; a parse already running finishes
+        # on its own (seconds) rather than holding up the rendering that comes next
         pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -120,8 +121,8 @@ def _parse_or_error(path: str):
 
 def excerpts(pieces: tuple[str, ...], n: int, seconds: float, per_piece: int = 2,
              log: Callable[[str], None] = print, workers: int = 1) -> list[dict]:
-    """Up to ``n`` excerpts, at most ``per_piece`` from each piece in order (so only the pieces
-    needed are parsed, ``workers`` at a time), each a window of ``seconds`` where at least two
+    """Up to ``n`` excerpts, at most ``per_piece`` from each piece in order (pieces are parsed
+    ``workers`` at a time, and no further than needed), each a window of ``seconds`` where at least two
     targets have notes, windows spread over the piece. The result does not depend on
     ``workers``."""
     chosen, used = [], []

@@ -374,6 +374,17 @@ def split_plan(tracks: int, fractions: list[float]) -> list[str]:
     return [n for n, c in zip(names, counts) for _ in range(c)]
 
 
+def pool_context():
+    """The start method for a pool of worker processes. Fork only from a single-threaded caller
+    without torch: a forked child of a process holding threads (a Ray driver, say, or torch's
+    OpenMP pool once it has run an op) can wait forever on a lock held at fork time (seen:
+    rendering hung after a torch STFT in the same process). Spawn needs the caller's main module
+    to be importable (the `if __name__ == "__main__":` idiom)."""
+    forkable = threading.active_count() == 1 and "torch" not in sys.modules
+    method = "fork" if forkable and "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method)
+
+
 def synthesize_corpus(out: str | Path, tracks: int, seconds: float, seed: int,
                       soundfont: str | None = None, sample_rate: int = 44100, workers: int = 2,
                       audio_format: str = "flac", splits: list[float] | None = None,
@@ -393,13 +404,7 @@ def synthesize_corpus(out: str | Path, tracks: int, seconds: float, seed: int,
     t0 = time.time()
     done = 0
     results = []
-    # fork only from a single-threaded caller without torch: a forked child of a process holding
-    # threads (a Ray driver, say, or torch's OpenMP pool once it has run an op) can wait forever
-    # on a lock held at fork time (seen: rendering hung after a torch STFT in the same process).
-    # spawn needs the caller's main module to be importable (the `if __name__ == "__main__":` idiom).
-    forkable = threading.active_count() == 1 and "torch" not in sys.modules
-    method = "fork" if forkable and "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method),
+    with ProcessPoolExecutor(max_workers=workers, mp_context=pool_context(),
                              initializer=_init_worker,
                              initargs=(str(sf2), sample_rate)) as pool:
         futures = [pool.submit(make_track, str(out), split, i + 1, seed, seconds, audio_format, sf2.name, composer)

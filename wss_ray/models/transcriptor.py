@@ -10,12 +10,14 @@ from wss_ray.models.precision import fp32_on_cpu
 
 
 class _PairMax(torch.autograd.Function):
-    """Max over adjacent pairs of rows (dim 2) of (B, C, H, W): ``nn.MaxPool2d((2, 1))`` to the
-    bit, values and gradients (a tie sends the gradient to the first row, NaN propagates, an odd
-    last row is dropped). The pairs are taken as the two halves of a (B, C, H/2, 2W) view, so
-    both passes are contiguous elementwise work: on the CPU the pooling kernel walks this layout
-    element by element (forward 38 ms against 4 here for the critic's 24 x 8 x 176 x 129 in a
-    separator step, forward and backward 43 against about 10 ms)."""
+    """Max over adjacent pairs of rows (dim 2) of (B, C, H, W), as ``nn.MaxPool2d((2, 1))``:
+    the same values (NaN propagates; an odd last row is dropped) and, for finite values and
+    gradients, the same gradients (a tie sends it to the upper row, as the pooling kernel does).
+    Only the sign of a zero and the routing around a NaN may differ, which change no finite
+    result. The pairs are the two halves of a (B, C, H/2, 2W) view, so both passes are
+    contiguous elementwise work: on the CPU the pooling kernel walks this layout element by
+    element, several times slower (BENCHMARKS.md, the critic's pooling; an exact copy of the
+    kernel's NaN and signed-zero rules costs as much as the kernel)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:

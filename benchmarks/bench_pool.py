@@ -18,31 +18,21 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_check import step_speed  # noqa: E402
+from bench_precision import PARENT, stage_args, timed  # noqa: E402
 from wss_ray.config import load_config  # noqa: E402
-from wss_ray.data.dataset import load_manifest, load_split  # noqa: E402
 from wss_ray.models import transcriptor as trunk_module  # noqa: E402
-from wss_ray.stages import RECIPES  # noqa: E402
 from wss_ray.stages.base import cpu_precision  # noqa: E402
 
 STAGES = ("transcriptor", "classifier", "separator", "baseline", "finetune")
-PARENT = {"separator": "transcriptor", "baseline": "classifier", "finetune": "separator"}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--config", default="configs/demo.yaml")
-    ap.add_argument("--steps", type=int, default=10)
+    ap = stage_args(argparse.ArgumentParser(), 10, STAGES)
     ap.add_argument("--rounds", type=int, default=2, help="alternations of the two poolings (drift evens out)")
-    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
-    for p in ("transcriptor", "classifier", "separator"):
-        ap.add_argument(f"--{p}", help=f"{p} checkpoint (the parent of the stage above it)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = load_config(args.config)
-    cfg.ray.cpu_precision = cpu_precision(cfg.ray.cpu_precision)   # "auto": bf16 where the CPU has it
-    manifest = load_manifest(args.data)
+    precision = cpu_precision(cfg.ray.cpu_precision)   # "auto": bf16 where the CPU has it
     pair = trunk_module.PairMaxPool
     poolings = {"max_pool": lambda: nn.MaxPool2d((2, 1)), "pair": pair}
     rows = {}
@@ -50,19 +40,16 @@ def main() -> None:
         parent = getattr(args, PARENT[stage]) if stage in PARENT else None
         if stage in PARENT and not parent:
             sys.exit(f"--{PARENT[stage]} is needed for {stage}")
-        table = load_split(args.data, "train", with_stems=RECIPES[stage].needs_stems)
         times = {k: [] for k in poolings}
         losses = {}
         for _ in range(args.rounds):
             for name, make in poolings.items():
                 trunk_module.PairMaxPool = make     # what SpectroTrunk builds its pooling from
                 try:
-                    row = step_speed(stage, cfg, manifest, table, Path(parent) if parent else None,
-                                     torch.device("cpu"), steps=args.steps, warmup=2)
+                    took, losses[name] = timed(stage, cfg, args.data, parent, args.steps, precision)
+                    times[name].append(took)
                 finally:
                     trunk_module.PairMaxPool = pair
-                times[name].append(row["ms_per_step"] / 1000)
-                losses[name] = row["loss"]
         old, new = min(times["max_pool"]), min(times["pair"])
         rows[stage] = {"max_pool_s_per_step": old, "pair_s_per_step": new, "speedup": old / new,
                        "loss_max_pool": losses["max_pool"], "loss_pair": losses["pair"]}

@@ -38,15 +38,20 @@ def timed(stage, cfg, data, parent, steps, precision):
     return row["ms_per_step"] / 1000, row["loss"]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def stage_args(ap: argparse.ArgumentParser, steps: int, stages: tuple[str, ...]) -> argparse.ArgumentParser:
+    """The options of a per-stage step benchmark on the plain loop: data, preset, steps, stages
+    and the parent checkpoints."""
     ap.add_argument("--data", required=True)
     ap.add_argument("--config", default="configs/demo.yaml")
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--stages", nargs="+", default=list(stages), choices=stages)
     for p in ("transcriptor", "classifier", "separator"):
         ap.add_argument(f"--{p}", help=f"{p} checkpoint to start the stages above it from")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = stage_args(argparse.ArgumentParser(), 12, STAGES).parse_args()
     torch.set_num_threads(1)
     cfg = load_config(args.config)
     if cpu_precision("auto") != "bf16":

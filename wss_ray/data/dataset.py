@@ -9,6 +9,7 @@ schema and manifest they read are defined in :mod:`wss_ray.data.contract`.
 """
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from pathlib import Path
@@ -183,7 +184,7 @@ def _passes(data_dir: str | Path, split: str, repeat: int, seed: int | None, att
                     base.append(read(files).materialize())
                 return windowed(base[0], w)
 
-            drawn = [_materialized(k, size, lambda w=k[-1]: draw(w), keep=keys) for k in keys]
+            drawn = [_materialized(k, size, functools.partial(draw, w), keep=keys) for k, w in zip(keys, seeds)]
             # materialized again: only block references are gathered (no task runs), and each
             # pass then replays one input instead of planning an input per copy and a union
             once = drawn[0].union(*drawn[1:]).materialize() if copies > 1 else drawn[0]

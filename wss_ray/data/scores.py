@@ -100,12 +100,12 @@ def _parsed(pieces: tuple[str, ...], workers: int) -> Iterator[tuple[str, object
     pool = ProcessPoolExecutor(workers, mp_context=pool_context())
     try:
         ahead: deque = deque()
-        for path in pieces:
+        for i, path in enumerate(pieces):
             ahead.append((path, pool.submit(_parse_or_error, path)))
-            if len(ahead) >= workers:
-                yield ahead[0][0], ahead.popleft()[1].result()
-        while ahead:
-            yield ahead[0][0], ahead.popleft()[1].result()
+            last = i == len(pieces) - 1
+            while ahead and (len(ahead) >= workers or last):   # the last piece submitted: drain
+                done, fut = ahead.popleft()
+                yield done, fut.result()
     finally:
         # the consumer has enough: what is queued is dropped; a parse already running finishes
         # on its own (seconds) rather than holding up the rendering that comes next

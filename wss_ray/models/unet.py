@@ -53,7 +53,10 @@ class UNetSeparator(nn.Module):
             sizes.append(x.shape[-2:])
         skips.pop()
         for i, layer in enumerate(self.up):
-            x = layer(x if i == 0 else torch.cat([x, skips.pop()], dim=1))
-            fi, ni = sizes[-2 - i]
-            x = x[..., :fi, :ni]
+            x = x if i == 0 else torch.cat([x, skips.pop()], dim=1)
+            # the transposed convolution made at the size of the level it joins: the same values
+            # as making 2x and cropping (output_padding only appends the last row/column), but no
+            # strided view for the next layers to copy, and BN's batch statistics over that level
+            # only (eval mode, an affine map per element, gives identical outputs either way)
+            x = layer[1:](layer[0](x, output_size=sizes[-2 - i]))
         return torch.sigmoid(self.out(x))[:, :, :f, :n]

@@ -10,15 +10,17 @@ start, which must be equal (the script exits 1 when they are not).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from unittest import mock
 from pathlib import Path
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_precision import PARENT, stage_args, timed  # noqa: E402
+from bench_precision import side_by_side, stage_args  # noqa: E402
 from wss_ray.config import load_config  # noqa: E402
 from wss_ray.models import transcriptor as trunk_module  # noqa: E402
 from wss_ray.stages.base import cpu_precision  # noqa: E402
@@ -33,24 +35,13 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = load_config(args.config)
     precision = cpu_precision(cfg.ray.cpu_precision)   # "auto": bf16 where the CPU has it
-    pair = trunk_module.PairMaxPool
-    poolings = {"max_pool": lambda: nn.MaxPool2d((2, 1)), "pair": pair}
+    # what SpectroTrunk builds its pooling from, swapped while the max_pool variant trains
+    max_pool = lambda: mock.patch.object(trunk_module, "PairMaxPool", lambda: nn.MaxPool2d((2, 1)))  # noqa: E731
+    variants = {"max_pool": (cfg, max_pool), "pair": (cfg, contextlib.nullcontext)}
     rows = {}
     for stage in args.stages:
-        parent = getattr(args, PARENT[stage]) if stage in PARENT else None
-        if stage in PARENT and not parent:
-            sys.exit(f"--{PARENT[stage]} is needed for {stage}")
-        times = {k: [] for k in poolings}
-        losses = {}
-        for _ in range(args.rounds):
-            for name, make in poolings.items():
-                trunk_module.PairMaxPool = make     # what SpectroTrunk builds its pooling from
-                try:
-                    took, losses[name] = timed(stage, cfg, args.data, parent, args.steps, precision)
-                    times[name].append(took)
-                finally:
-                    trunk_module.PairMaxPool = pair
-        old, new = min(times["max_pool"]), min(times["pair"])
+        times, losses = side_by_side(stage, args, variants, precision)
+        old, new = times["max_pool"], times["pair"]
         rows[stage] = {"max_pool_s_per_step": old, "pair_s_per_step": new, "speedup": old / new,
                        "loss_max_pool": losses["max_pool"], "loss_pair": losses["pair"]}
         print(f"{stage}: max_pool {old:.3f} s/step, pair {new:.3f} s/step (x{old / new:.2f}); loss after "

@@ -38,6 +38,24 @@ def timed(stage, cfg, data, parent, steps, precision):
     return row["ms_per_step"] / 1000, row["loss"]
 
 
+def side_by_side(stage: str, args, variants: dict, precision: str) -> tuple[dict, dict]:
+    """Each variant's s/step on ``stage`` (the best of ``args.rounds`` alternations, so the
+    machine's drift evens out) and its loss after the same steps from the same start.
+    ``variants``: name -> (config, a context-manager factory that puts the variant's code in
+    place while it trains, e.g. ``lambda: mock.patch.object(...)``)."""
+    parent = getattr(args, PARENT[stage]) if stage in PARENT else None
+    if stage in PARENT and not parent:
+        sys.exit(f"--{PARENT[stage]} is needed for {stage}")
+    times = {k: [] for k in variants}
+    losses = {}
+    for _ in range(args.rounds):
+        for name, (cfg, patched) in variants.items():
+            with patched():
+                took, losses[name] = timed(stage, cfg, args.data, parent, args.steps, precision)
+            times[name].append(took)
+    return {k: min(v) for k, v in times.items()}, losses
+
+
 def stage_args(ap: argparse.ArgumentParser, steps: int, stages: tuple[str, ...]) -> argparse.ArgumentParser:
     """The options of a per-stage step benchmark on the plain loop: data, preset, steps, stages
     and the parent checkpoints."""

@@ -11,17 +11,18 @@ autocast as the demo trains) and the loss after the same steps from the same sta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import sys
+from unittest import mock
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_precision import PARENT, stage_args, timed  # noqa: E402
+from bench_precision import side_by_side, stage_args  # noqa: E402
 from wss_ray.config import load_config  # noqa: E402
-from wss_ray.dsp import log_magnitude  # noqa: E402
 from wss_ray.models.unet import UNetSeparator  # noqa: E402
 from wss_ray.stages.base import cpu_precision  # noqa: E402
 
@@ -29,16 +30,9 @@ STAGES = ("supervised", "separator", "baseline")
 
 
 def cropped_forward(self, mag: torch.Tensor) -> torch.Tensor:
-    """UNetSeparator.forward before session 17: crop after each whole up layer."""
-    b, f, n = mag.shape
-    x = log_magnitude(mag)
-    x = ((x - x.mean(dim=(1, 2), keepdim=True)) / (x.std(dim=(1, 2), keepdim=True) + 1e-5))[:, None]
-    sizes, skips = [x.shape[-2:]], []
-    for layer in self.down:
-        x = layer(x)
-        skips.append(x)
-        sizes.append(x.shape[-2:])
-    skips.pop()
+    """UNetSeparator.forward's up path before session 17: crop after each whole up layer."""
+    f, n = mag.shape[-2:]
+    x, skips, sizes = self.encode(mag)
     for i, layer in enumerate(self.up):
         x = layer(x if i == 0 else torch.cat([x, skips.pop()], dim=1))
         fi, ni = sizes[-2 - i]
@@ -55,32 +49,19 @@ def main() -> None:
     if cfg.models.separator.arch != "unet":
         sys.exit(f"{args.config}: models.separator.arch is {cfg.models.separator.arch!r}, not unet")
     precision = cpu_precision(cfg.ray.cpu_precision)
-    current = UNetSeparator.forward
 
     def with_dropout(p: float):
         out = copy.deepcopy(cfg)
         out.models.separator.unet.dropout = p
         return out
 
+    cropped = lambda: mock.patch.object(UNetSeparator, "forward", cropped_forward)  # noqa: E731
     # the preset before session 17 (cropped, dropout 0.5), the up path alone, and today's preset
-    variants = {"cropped": (with_dropout(0.5), cropped_forward), "sized": (with_dropout(0.5), current),
-                "sized_no_dropout": (with_dropout(0.0), current)}
+    variants = {"cropped": (with_dropout(0.5), cropped), "sized": (with_dropout(0.5), contextlib.nullcontext),
+                "sized_no_dropout": (with_dropout(0.0), contextlib.nullcontext)}
     rows = {}
     for stage in args.stages:
-        parent = getattr(args, PARENT[stage]) if stage in PARENT else None
-        if stage in PARENT and not parent:
-            sys.exit(f"--{PARENT[stage]} is needed for {stage}")
-        times = {k: [] for k in variants}
-        losses = {}
-        for _ in range(args.rounds):
-            for name, (vcfg, forward) in variants.items():
-                UNetSeparator.forward = forward
-                try:
-                    took, losses[name] = timed(stage, vcfg, args.data, parent, args.steps, precision)
-                    times[name].append(took)
-                finally:
-                    UNetSeparator.forward = current
-        best = {k: min(v) for k, v in times.items()}
+        best, losses = side_by_side(stage, args, variants, precision)
         rows[stage] = {**{f"{k}_s_per_step": v for k, v in best.items()},
                        **{f"{k}_loss": v for k, v in losses.items()}}
         print(f"{stage}: " + ", ".join(f"{k} {v:.3f} s/step (x{best['cropped'] / v:.2f})" for k, v in best.items())

@@ -38,13 +38,14 @@ class UNetSeparator(nn.Module):
             self.up.append(nn.Sequential(*layers))
         self.out = nn.Conv2d(channels, n_sources, 4, dilation=2, padding=3)
 
-    def forward(self, mag: torch.Tensor) -> torch.Tensor:
-        b, f, n = mag.shape
+    def encode(self, mag: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Size]]:
+        """The down path: the deepest code, the skips the up path joins (shallowest first) and
+        the size of every level (the input's first)."""
         x = log_magnitude(mag)
         # per-example standardisation: the mask must not depend on the recording level
         x = (x - x.mean(dim=(1, 2), keepdim=True)) / (x.std(dim=(1, 2), keepdim=True) + 1e-5)
-        # any size: each stride-2 level halves (rounding up); each up level doubles and is cropped
-        # to the size of the level it joins (no padding to a multiple of 2^depth)
+        # any size: each stride-2 level halves (rounding up), each up level restores the size of
+        # the level it joins (no padding to a multiple of 2^depth)
         x = x[:, None]
         sizes, skips = [x.shape[-2:]], []
         for layer in self.down:
@@ -52,6 +53,11 @@ class UNetSeparator(nn.Module):
             skips.append(x)
             sizes.append(x.shape[-2:])
         skips.pop()
+        return x, skips, sizes
+
+    def forward(self, mag: torch.Tensor) -> torch.Tensor:
+        f, n = mag.shape[-2:]
+        x, skips, sizes = self.encode(mag)
         for i, layer in enumerate(self.up):
             x = x if i == 0 else torch.cat([x, skips.pop()], dim=1)
             # the transposed convolution made at the size of the level it joins: the same values

@@ -39,17 +39,19 @@ def timed(stage, cfg, data, parent, steps, precision):
 
 
 def side_by_side(stage: str, args, variants: dict, precision: str) -> tuple[dict, dict]:
-    """Each variant's s/step on ``stage`` (the best of ``args.rounds`` alternations, so the
-    machine's drift evens out) and its loss after the same steps from the same start.
-    ``variants``: name -> (config, a context-manager factory that puts the variant's code in
-    place while it trains, e.g. ``lambda: mock.patch.object(...)``)."""
+    """Each variant's s/step on ``stage`` (the best of ``args.rounds`` alternations, every other
+    round in reverse order, so the machine's drift and the first run's cold start even out) and
+    its loss after the same steps from the same start. ``args``: stage_args' options plus
+    ``rounds``. ``variants``: name -> (config, a context-manager factory that puts the variant's
+    code in place while it trains, e.g. ``lambda: mock.patch.object(...)``)."""
     parent = getattr(args, PARENT[stage]) if stage in PARENT else None
     if stage in PARENT and not parent:
         sys.exit(f"--{PARENT[stage]} is needed for {stage}")
     times = {k: [] for k in variants}
     losses = {}
-    for _ in range(args.rounds):
-        for name, (cfg, patched) in variants.items():
+    for r in range(args.rounds):
+        for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+            cfg, patched = variants[name]
             with patched():
                 took, losses[name] = timed(stage, cfg, args.data, parent, args.steps, precision)
             times[name].append(took)

@@ -2,9 +2,10 @@
 convolution made at twice its input and cropped afterwards, so the next layers copy a strided
 view; BN statistics over the uncropped map), the current one (made at the size of the level it
 joins), both with decoder dropout 0.5, and the current one without it (``unet.dropout=0``, the
-demo preset since session 17). s/step of each stage that trains a U-Net (the plain loop on one
-resident batch, one intra-op thread: one Ray worker's share on the 2-core demo machine, bf16
-autocast as the demo trains) and the loss after the same steps from the same start.
+demo preset since session 17). s/step of each stage that builds a new U-Net from the preset
+(fine-tuning takes its parent's; the plain loop on one resident batch, one intra-op thread: one
+Ray worker's share on the 2-core demo machine, bf16 autocast as the demo trains) and the loss
+after the same steps from the same start.
 
     python benchmarks/bench_unet.py --data FEATURES --transcriptor T --classifier C
 """
@@ -31,7 +32,7 @@ STAGES = ("supervised", "separator", "baseline")
 
 def cropped_forward(self, mag: torch.Tensor) -> torch.Tensor:
     """UNetSeparator.forward's up path before session 17: crop after each whole up layer."""
-    f, n = mag.shape[-2:]
+    _, f, n = mag.shape
     x, skips, sizes = self.encode(mag)
     for i, layer in enumerate(self.up):
         x = layer(x if i == 0 else torch.cat([x, skips.pop()], dim=1))

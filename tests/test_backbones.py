@@ -44,6 +44,32 @@ def test_mask_backbones_give_one_mask_per_source_for_any_spectrogram_size(f, n):
             assert (m <= 1).all()
 
 
+def test_unet_up_path_at_each_levels_size_gives_the_cropped_values():
+    """Each transposed convolution is made at the size of the level it joins; the values are
+    those of making 2x and cropping (benchmarks/bench_unet.py keeps that older path), in eval
+    mode to float rounding, at odd and even sizes down to one frame; training runs too."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "bench_unet.py"
+    spec = importlib.util.spec_from_file_location("bench_unet", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for f, n in [(33, 17), (2, 3), (64, 32), (513, 129), (7, 1)]:
+        torch.manual_seed(0)
+        model = UNetSeparator(f, 3, channels=4, depth=3)
+        mag = torch.rand(2, f, n) * 10
+        model.train()(mag).sum().backward()          # moves BN's running statistics off 0/1
+        model.eval()
+        with torch.no_grad():
+            sized, cropped = model(mag), bench.cropped_forward(model, mag)
+        assert sized.shape == (2, 3, f, n) and torch.isfinite(sized).all()
+        torch.testing.assert_close(sized, cropped, rtol=0, atol=1e-6)
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    with pytest.raises(ValueError):
+        model(torch.rand(1, 2, 7, 1))                # not (B, F, N): refused at the door
+
+
 def test_open_unmix_is_the_reference_with_its_bandwidth_limit():
     from openunmix.model import OpenUnmix
 

@@ -56,13 +56,14 @@ class UNetSeparator(nn.Module):
         return x, skips, sizes
 
     def forward(self, mag: torch.Tensor) -> torch.Tensor:
-        f, n = mag.shape[-2:]
+        _, f, n = mag.shape
         x, skips, sizes = self.encode(mag)
         for i, layer in enumerate(self.up):
             x = x if i == 0 else torch.cat([x, skips.pop()], dim=1)
-            # the transposed convolution made at the size of the level it joins: the same values
-            # as making 2x and cropping (output_padding only appends the last row/column), but no
-            # strided view for the next layers to copy, and BN's batch statistics over that level
-            # only (eval mode, an affine map per element, gives identical outputs either way)
-            x = layer[1:](layer[0](x, output_size=sizes[-2 - i]))
+            # the transposed convolution made at the size of the level it joins: the values of
+            # making 2x and cropping (output_padding only appends the last row/column; eval mode
+            # agrees to float rounding), but no strided view for the next layers to copy, and
+            # BN's batch statistics over that level only
+            for j, module in enumerate(layer):
+                x = module(x, output_size=sizes[-2 - i]) if j == 0 else module(x)
         return torch.sigmoid(self.out(x))[:, :, :f, :n]

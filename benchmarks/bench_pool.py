@@ -13,8 +13,8 @@ import argparse
 import contextlib
 import json
 import sys
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import nn

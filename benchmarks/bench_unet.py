@@ -16,8 +16,8 @@ import contextlib
 import copy
 import json
 import sys
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 import torch
 

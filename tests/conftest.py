@@ -31,6 +31,21 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
+def benchmark():
+    """``benchmark("gpu_check")``: a script of benchmarks/ as a module (it is not a package)."""
+    import importlib.util
+
+    def load(name: str):
+        path = Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def small_cfg():
     return load_config(Path(__file__).parent.parent / "configs" / "smoke.yaml")
 

@@ -44,17 +44,11 @@ def test_mask_backbones_give_one_mask_per_source_for_any_spectrogram_size(f, n):
             assert (m <= 1).all()
 
 
-def test_unet_up_path_at_each_levels_size_gives_the_cropped_values():
+def test_unet_up_path_at_each_levels_size_gives_the_cropped_values(benchmark):
     """Each transposed convolution is made at the size of the level it joins; the values are
     those of making 2x and cropping (benchmarks/bench_unet.py keeps that older path), in eval
     mode to float rounding, at odd and even sizes down to one frame; training runs too."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parent.parent / "benchmarks" / "bench_unet.py"
-    spec = importlib.util.spec_from_file_location("bench_unet", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark("bench_unet")
     for f, n in [(33, 17), (2, 3), (64, 32), (513, 129), (7, 1)]:
         torch.manual_seed(0)
         model = UNetSeparator(f, 3, channels=4, depth=3)

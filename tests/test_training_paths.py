@@ -37,7 +37,8 @@ def cudnn_rule():
     handle.remove()
 
 
-def test_every_stage_trains_in_the_plain_loop_under_the_cudnn_rule(features, small_cfg, tmp_path, cudnn_rule):
+def test_every_stage_trains_in_the_plain_loop_under_the_cudnn_rule(features, small_cfg, tmp_path, cudnn_rule,
+                                                                       benchmark):
     import copy
 
     cfg = copy.deepcopy(small_cfg)
@@ -55,12 +56,7 @@ def test_every_stage_trains_in_the_plain_loop_under_the_cudnn_rule(features, sma
         assert np.isfinite(meta["metrics"]["loss"])
     # the GPU check's step timer sets modes as the runner does (a frozen critic in eval mode
     # would break on CUDA)
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parent.parent / "benchmarks" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = benchmark("gpu_check")
     from wss_ray.data.dataset import load_split
 
     for stage, parent in (("separator", "transcriptor"), ("baseline", "classifier")):

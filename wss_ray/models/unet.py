@@ -56,7 +56,8 @@ class UNetSeparator(nn.Module):
         return x, skips, sizes
 
     def forward(self, mag: torch.Tensor) -> torch.Tensor:
-        _, f, n = mag.shape
+        if mag.dim() != 3:
+            raise ValueError(f"UNetSeparator: expected |X| of shape (B, F, N), got {tuple(mag.shape)}")
         x, skips, sizes = self.encode(mag)
         for i, layer in enumerate(self.up):
             x = x if i == 0 else torch.cat([x, skips.pop()], dim=1)
@@ -66,4 +67,5 @@ class UNetSeparator(nn.Module):
             # BN's batch statistics over that level only
             for j, module in enumerate(layer):
                 x = module(x, output_size=sizes[-2 - i]) if j == 0 else module(x)
-        return torch.sigmoid(self.out(x))[:, :, :f, :n]
+        # the last up level is (F, N) and the dilated 4x4 convolution (padding 3) keeps the size
+        return torch.sigmoid(self.out(x))

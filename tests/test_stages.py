@@ -319,6 +319,108 @@ def test_stage_plan_puts_parents_first_and_names_a_missing_one():
             stage_plan(load_config(None, [f"pipeline.stages=[{', '.join(stages)}]"]))
 
 
+def test_run_plan_starts_a_run_once_its_parent_ended_and_at_most_so_many_at_once():
+    """The pipeline's scheduler, with stand-in runs (threads that sleep): every run after its
+    parent, never more than ``at_once`` together, the independent chains overlapping, the
+    result in plan order whatever order the runs end in."""
+    import threading
+    import time
+
+    from wss_ray.config import load_config
+    from wss_ray.pipeline import run_plan, stage_plan
+
+    plan = stage_plan(load_config(Path(__file__).parent.parent / "configs" / "demo.yaml"))
+    seconds = {"transcriptor": 0.3, "separator": 0.2, "finetune": 0.1, "classifier": 0.05,
+               "baseline": 0.05, "supervised": 0.1}
+    lock, events, now = threading.Lock(), [], {"running": 0, "most": 0}
+
+    def train(stage, cfg, parent):
+        with lock:
+            now["running"] += 1
+            now["most"] = max(now["most"], now["running"])
+            events.append(("start", stage, parent))
+        time.sleep(seconds[stage])
+        with lock:
+            now["running"] -= 1
+            events.append(("end", stage, None))
+        return Path(f"/ckpt/{stage}")
+
+    done = run_plan(plan, train, at_once=2)
+    assert list(done) == [key for key, *_ in plan]          # the table's row order
+    assert now["most"] == 2
+    ended = []
+    for kind, stage, parent in events:
+        if kind == "start" and parent is not None:
+            assert parent.name in ended, (stage, parent, ended)
+        if kind == "end":
+            ended.append(stage)
+    # the classifier's chain and the supervised run ended while the transcriptor's chain ran
+    assert ended.index("supervised") < ended.index("finetune")
+
+    events.clear()
+    now["most"] = 0
+    assert list(run_plan(plan, train, at_once=1)) == list(done)
+    assert now["most"] == 1
+    assert [stage for kind, stage, _ in events if kind == "start"] == [stage for _, stage, *_ in plan]
+
+
+def test_run_plan_after_a_failure_starts_nothing_new_and_lets_the_running_end():
+    import threading
+    import time
+
+    from wss_ray.config import load_config
+    from wss_ray.pipeline import run_plan, stage_plan
+
+    plan = stage_plan(load_config(Path(__file__).parent.parent / "configs" / "demo.yaml"))
+    started, ended, lock = [], [], threading.Lock()
+
+    def train(stage, cfg, parent):
+        with lock:
+            started.append(stage)
+        if stage == "classifier":
+            raise ValueError("features/manifest.json: bad field")
+        time.sleep(0.3)
+        with lock:
+            ended.append(stage)
+        return Path(stage)
+
+    lines = []
+    with pytest.raises(ValueError, match="bad field"):
+        run_plan(plan, train, at_once=2, log=lines.append)
+    assert sorted(started) == ["classifier", "transcriptor"] and ended == ["transcriptor"]
+    assert any("classifier failed; waiting for transcriptor" in line for line in lines), lines
+
+
+def test_a_run_beside_another_ends_as_it_does_alone(tmp_path, features, small_cfg):
+    """Under ray.preserve_order a run's weights do not depend on what trains beside it: the
+    classifier trained alone and trained side by side with the transcriptor end identical."""
+    import copy
+
+    import torch
+
+    from wss_ray.data.dataset import release_held
+    from wss_ray.pipeline import run_plan, runs_at_once, stage_plan
+
+    cfg = copy.deepcopy(small_cfg)
+    # one worker each: two runs then leave Ray Data 2 of the default instance's 4 logical CPUs
+    cfg.ray.workers, cfg.ray.preserve_order = 1, True
+    cfg.stages["classifier"].steps = cfg.stages["transcriptor"].steps = 4
+    cfg.pipeline.stages = ["transcriptor", "classifier"]
+    # where the pipeline would put them side by side: a core for each CPU they reserve
+    assert runs_at_once(cfg.ray, cores=2) == 2 and runs_at_once(cfg.ray, cores=1) == 1
+
+    def train(out):
+        return lambda stage, c, parent: train_stage(stage, c, features, out=out / stage, log=lambda *_: None)
+
+    release_held()
+    alone = run_plan([row for row in stage_plan(cfg) if row[0] == "classifier"], train(tmp_path / "alone"))
+    release_held()
+    beside = run_plan(stage_plan(cfg), train(tmp_path / "beside"), at_once=2)
+    a, b = (torch.load(r["classifier"] / "model.pt", weights_only=True)["models"]["classifier"]["state"]
+            for r in (alone, beside))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_recipes_declare_tunables_that_exist_on_their_stage():
     from wss_ray.config import Config
     from wss_ray.stages import RECIPES

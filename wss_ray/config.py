@@ -6,6 +6,7 @@ means nothing to a stage (``lambda_adv`` on the transcriptor) is refused there.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -346,12 +347,24 @@ STAGE_NAMES = tuple(STAGE_SETTINGS)
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
+def local_cores() -> int:
+    """The cores this process may run on (its affinity where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 class RayConfig(Section):
     workers: PosInt = 2
     # Fractional logical CPUs per worker leave room for Ray Data's read tasks (2-core pitfall).
     cpus_per_worker: Pos = 1.0
-    # Logical CPUs of a local Ray instance; 0 = workers * cpus_per_worker + 2, at least 4.
+    # Logical CPUs of a local Ray instance; 0 = workers * cpus_per_worker per run side by side
+    # (below) + 2, at least 4.
     num_cpus: NonNegInt = 0
+    # Runs of a pipeline that train at once where neither needs the other's checkpoint (the
+    # transcriptor's chain, the classifier's, the supervised run), as far as the cluster's CPUs
+    # (and GPUs) hold them with 2 CPUs left for Ray Data, and on a local instance as far as the
+    # machine has a core for each CPU a run reserves (on 2 cores two runs side by side each
+    # stepped about 2x slower and gained nothing). 1 = one after another.
+    side_by_side: PosInt = 2
     use_gpu: bool = False
     # GPUs per worker with use_gpu; a fraction lets several single-worker Tune trials share a GPU.
     gpus_per_worker: Pos = 1.0
@@ -382,7 +395,9 @@ class RayConfig(Section):
     def local_cpus(self) -> int:
         if self.num_cpus:
             return self.num_cpus
-        return max(4, int(self.workers * self.cpus_per_worker + 0.999) + 2)
+        per_run = int(self.workers * self.cpus_per_worker + 0.999)
+        runs = max(1, min(self.side_by_side, local_cores() // per_run))
+        return max(4, runs * per_run + 2)
 
 
 class PipelineConfig(Section):

@@ -61,6 +61,84 @@ def stage_plan(cfg: Config, swept: frozenset[str] | set[str] = frozenset()) -> l
     return plan
 
 
+def runs_at_once(ray_cfg, cores: int | None = None) -> int:
+    """How many runs of ``ray_cfg`` the cluster holds at once, at most ``side_by_side``, with
+    2 logical CPUs left over for Ray Data's tasks (with none left it starves and hangs). A local
+    instance's logical CPUs outnumber its cores, so there the runs must also find a core per
+    CPU they reserve: on 2 cores two runs side by side each stepped 1.8-2.4x slower, and the
+    demo took 1502 s against 1453 one after another (BENCHMARKS.md)."""
+    import ray
+
+    from wss_ray.config import local_cores
+    from wss_ray.ray_session import is_local
+
+    total = ray.cluster_resources()
+    per_run = ray_cfg.workers * ray_cfg.cpus_per_worker
+    n = min(ray_cfg.side_by_side, int((total.get("CPU", 0) - 2) // per_run))
+    if cores is None and is_local():
+        cores = local_cores()
+    if cores is not None:
+        n = min(n, int(cores // per_run))
+    if ray_cfg.use_gpu:
+        n = min(n, int(total.get("GPU", 0) // (ray_cfg.workers * ray_cfg.gpus_per_worker)))
+    return max(1, n)
+
+
+def run_plan(plan: list[tuple[str, str, Config, str | None]], train, at_once: int = 1,
+             log=print) -> dict[str, Path]:
+    """``train(stage, cfg, parent checkpoint)`` for each row of ``plan`` (``stage_plan``) once
+    its parent's checkpoint exists, in plan order, at most ``at_once`` at a time: each in a
+    thread of its own that waits on its Ray Train job. A seed's results do not depend on it
+    (each worker computes alike whatever runs beside it). After a failure nothing new starts;
+    the runs already going finish (their checkpoints are kept for the next try), then the
+    first error is raised."""
+    done: dict[str, Path] = {}
+    if at_once <= 1:
+        for key, name, scfg, parent in plan:
+            done[key] = train(name, scfg, done[parent] if parent else None)
+        return done
+    import queue
+    import threading
+
+    finished: queue.Queue = queue.Queue()
+    waiting, running, error = list(plan), set(), None
+
+    def run(key: str, name: str, scfg: Config, parent: Path | None) -> None:
+        try:
+            finished.put((key, train(name, scfg, parent), None))
+        except BaseException as e:  # handed to the main thread, which raises it
+            finished.put((key, None, e))
+
+    while True:
+        for row in list(waiting):
+            key, name, scfg, parent = row
+            if error is not None or len(running) >= at_once:
+                break
+            if parent and parent not in done:
+                continue
+            waiting.remove(row)
+            running.add(key)
+            # a daemon: Ctrl-C ends the process (and the local Ray instance) without waiting for it
+            threading.Thread(target=run, args=(key, name, scfg, done[parent] if parent else None),
+                             name=f"run-{key}", daemon=True).start()
+        if not running:
+            break
+        key, path, e = finished.get()
+        running.discard(key)
+        if e is None:
+            done[key] = path
+        elif error is None:
+            error = e
+            if running:
+                log(f"[pipeline] {key} failed; waiting for {', '.join(sorted(running))} to finish "
+                    "(a finished run is kept for the next try)")
+    if error is not None:
+        raise error
+    if waiting:  # cannot happen for a stage_plan: parents come first
+        raise RuntimeError(f"runs left without their parent: {[row[0] for row in waiting]}")
+    return {key: done[key] for key, *_ in plan}  # plan order (the table's rows), not the order they ended in
+
+
 def prepare_data(cfg: Config, out: Path, log=print) -> Path:
     from wss_ray.data.featurize import featurize
     from wss_ray.data.synth import synthesize_corpus
@@ -138,8 +216,18 @@ def run_pipeline(cfg: Config, out: str | Path, data: str | Path | None = None, l
         # the best trial becomes this stage's checkpoint: the next stage and a rerun use it
         return export_checkpoint(Checkpoint(record["checkpoint"]), folder)
 
-    for key, name, scfg, parent in stage_plan(cfg, swept=set(cfg.pipeline.sweeps)):
-        trained[key] = stage(name, scfg, trained[parent] if parent else None)
+    from wss_ray.ray_session import ensure_ray
+    from wss_ray.stages.runner import driver_preserve_order
+
+    ensure_ray(cfg.ray)
+    # a sweep runs its own trials side by side
+    at_once = 1 if cfg.pipeline.sweeps else runs_at_once(cfg.ray)
+    if at_once > 1:
+        log(f"[pipeline] up to {at_once} runs train side by side where neither needs the other's checkpoint")
+    # Ray Data's driver-wide setting, set once for every run here (a run's own set-and-restore
+    # would race with another run's in a second thread)
+    with driver_preserve_order(cfg.ray.preserve_order):
+        trained.update(run_plan(stage_plan(cfg, swept=set(cfg.pipeline.sweeps)), stage, at_once, log))
     release_held()   # the splits kept for the next stage: evaluation reads its own
 
     # a swept stage contributes its Tune experiment: one row per trial (the paper's ablations)

@@ -48,6 +48,15 @@ def _start_local(cfg: RayConfig, attempts: int = 3) -> None:
     """
     import ray
 
+    # Ray Data's Parquet reader lists a dataset's files through a pool of footer-reading actors,
+    # 32 by default, each a process of its own: made for object stores far away, on a 2-core
+    # machine the processes' start-up cost more than the read (validation split: 9.8 s -> 2.6 s
+    # with one, same rows in the same order; BENCHMARKS.md). Set before ray.init, so that the
+    # local instance's processes inherit it; a user's own setting wins.
+    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+    # Ray Train's watcher of cloud spot-instance preemption: one more process per run, and
+    # this machine is not preempted
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     for attempt in range(attempts):
         port = _free_port()
         saved = os.environ.get("RAY_GCS_SERVER_PORT")

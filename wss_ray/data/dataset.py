@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import zlib
 from pathlib import Path
 from typing import Iterator
@@ -67,6 +68,9 @@ WINDOW_COPIES = 8
 HELD_BYTES = 2 * MATERIALIZE_BYTES
 _held: dict[tuple, tuple] = {}
 _held_on: tuple | None = None
+# the pipeline's runs side by side open their splits from threads of one driver: one at a time,
+# so two runs wanting the same split read it once
+_held_lock = threading.RLock()
 
 
 def _materialized(key: tuple, size: int, make, keep: tuple = ()):
@@ -77,11 +81,18 @@ def _materialized(key: tuple, size: int, make, keep: tuple = ()):
     oldest are let go beyond HELD_BYTES, never this one nor those in ``keep`` (the other
     parts of the stream being built: evicting them would make the next stage miss them all);
     blocks live as long as the dataset is referenced."""
-    global _held_on
     import ray
 
     if not ray.is_initialized():
         return make().materialize()                     # Ray Data starts an instance of its own
+    with _held_lock:
+        return _materialized_held(key, size, make, keep)
+
+
+def _materialized_held(key: tuple, size: int, make, keep: tuple):
+    global _held_on
+    import ray
+
     ctx = ray.get_runtime_context()
     here = (ctx.get_node_id(), ctx.get_job_id())
     if here != _held_on:                                # object refs die with their Ray instance
@@ -112,7 +123,8 @@ def _held_key(key: tuple) -> tuple:
 
 def release_held() -> None:
     """Let the splits kept for later stages go (the pipeline calls it when training is done)."""
-    _held.clear()
+    with _held_lock:
+        _held.clear()
 
 
 def _identity(files: list[str]) -> tuple:

@@ -315,7 +315,7 @@ def build_trainer(stage: str, cfg: Config, data: str | Path, parent: str | None,
         options = IngestConfig.default_ingest_options()
         options.preserve_order = True
         dataset_config = IngestConfig(datasets_to_split=[] if deal_rows else "all", execution_options=options)
-    with _driver_preserve_order(cfg.ray.preserve_order):  # a small split is materialized right here
+    with driver_preserve_order(cfg.ray.preserve_order):  # a small split is materialized right here
         datasets = {"train": open_split(data, "train", repeat, cfg.seed, windows=scfg.random_windows),
                     "val": open_split(data, val_split)}
     if cfg.ray.use_gpu and cfg.ray.gpus_per_worker != 1.0:
@@ -442,7 +442,7 @@ def _tail(path: Path | None, log: Callable[[str], None], every: float = 0.5):
 
 
 @contextlib.contextmanager
-def _driver_preserve_order(on: bool):
+def driver_preserve_order(on: bool):
     from ray.data import DataContext
 
     options = DataContext.get_current().execution_options

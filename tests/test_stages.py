@@ -400,6 +400,7 @@ def test_a_run_beside_another_ends_as_it_does_alone(tmp_path, features, small_cf
 
     from wss_ray.data.dataset import release_held
     from wss_ray.pipeline import run_plan, runs_at_once, stage_plan
+    from wss_ray.stages.runner import driver_preserve_order
 
     cfg = copy.deepcopy(small_cfg)
     # one worker each: two runs then leave Ray Data 2 of the default instance's 4 logical CPUs
@@ -412,10 +413,13 @@ def test_a_run_beside_another_ends_as_it_does_alone(tmp_path, features, small_cf
     def train(out):
         return lambda stage, c, parent: train_stage(stage, c, features, out=out / stage, log=lambda *_: None)
 
-    release_held()
-    alone = run_plan([row for row in stage_plan(cfg) if row[0] == "classifier"], train(tmp_path / "alone"))
-    release_held()
-    beside = run_plan(stage_plan(cfg), train(tmp_path / "beside"), at_once=2)
+    # as run_pipeline does: Ray Data's driver-wide setting set once around the runs (a run's
+    # own set-and-restore would race with the other thread's)
+    with driver_preserve_order(True):
+        release_held()
+        alone = run_plan([row for row in stage_plan(cfg) if row[0] == "classifier"], train(tmp_path / "alone"))
+        release_held()
+        beside = run_plan(stage_plan(cfg), train(tmp_path / "beside"), at_once=2)
     a, b = (torch.load(r["classifier"] / "model.pt", weights_only=True)["models"]["classifier"]["state"]
             for r in (alone, beside))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

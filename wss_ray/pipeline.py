@@ -123,7 +123,15 @@ def run_plan(plan: list[tuple[str, str, Config, str | None]], train, at_once: in
                              name=f"run-{key}", daemon=True).start()
         if not running:
             break
-        key, path, e = finished.get()
+        try:
+            key, path, e = finished.get()
+        except KeyboardInterrupt:
+            # Ray Train stops a run on Ctrl-C from the main thread only; these runs are in
+            # threads: a local instance goes down with them (a cluster's runs end with this
+            # driver, which owns them)
+            log(f"[pipeline] interrupted: stopping {', '.join(sorted(running))}")
+            _stop_local_ray()
+            raise
         running.discard(key)
         if e is None:
             done[key] = path
@@ -137,6 +145,15 @@ def run_plan(plan: list[tuple[str, str, Config, str | None]], train, at_once: in
     if waiting:  # cannot happen for a stage_plan: parents come first
         raise RuntimeError(f"runs left without their parent: {[row[0] for row in waiting]}")
     return {key: done[key] for key, *_ in plan}  # plan order (the table's rows), not the order they ended in
+
+
+def _stop_local_ray() -> None:
+    import ray
+
+    from wss_ray.ray_session import is_local
+
+    if is_local() and ray.is_initialized():
+        ray.shutdown()
 
 
 def prepare_data(cfg: Config, out: Path, log=print) -> Path:
@@ -189,9 +206,12 @@ def run_pipeline(cfg: Config, out: str | Path, data: str | Path | None = None, l
 
     sweeps: dict[str, str] = {}   # stage -> Tune experiment folder (every trial is evaluated)
 
+    def folder_of(name: str, scfg: Config) -> Path:
+        return out / "checkpoints" / (f"tune-{name}" if name in cfg.pipeline.sweeps else run_name(name, scfg))
+
     def stage(name: str, scfg: Config, parent: Path | None = None) -> Path:
         swept = name in cfg.pipeline.sweeps
-        folder = out / "checkpoints" / (f"tune-{name}" if swept else run_name(name, scfg))
+        folder = folder_of(name, scfg)
         final = folder / CHECKPOINT_DIR
         if (final / META_FILE).is_file():
             log(f"[pipeline] {folder.name}: reusing finished checkpoint {final}")
@@ -219,15 +239,19 @@ def run_pipeline(cfg: Config, out: str | Path, data: str | Path | None = None, l
     from wss_ray.ray_session import ensure_ray
     from wss_ray.stages.runner import driver_preserve_order
 
-    ensure_ray(cfg.ray)
-    # a sweep runs its own trials side by side
-    at_once = 1 if cfg.pipeline.sweeps else runs_at_once(cfg.ray)
+    plan = stage_plan(cfg, swept=set(cfg.pipeline.sweeps))
+    at_once = 1
+    # a sweep runs its own trials side by side; a rerun whose every run has finished needs no Ray
+    if not cfg.pipeline.sweeps and any(not (folder_of(name, scfg) / CHECKPOINT_DIR / META_FILE).is_file()
+                                       for _, name, scfg, _ in plan):
+        ensure_ray(cfg.ray)
+        at_once = runs_at_once(cfg.ray)
     if at_once > 1:
         log(f"[pipeline] up to {at_once} runs train side by side where neither needs the other's checkpoint")
     # Ray Data's driver-wide setting, set once for every run here (a run's own set-and-restore
     # would race with another run's in a second thread)
     with driver_preserve_order(cfg.ray.preserve_order):
-        trained.update(run_plan(stage_plan(cfg, swept=set(cfg.pipeline.sweeps)), stage, at_once, log))
+        trained.update(run_plan(plan, stage, at_once, log))
     release_held()   # the splits kept for the next stage: evaluation reads its own
 
     # a swept stage contributes its Tune experiment: one row per trial (the paper's ablations)

@@ -403,9 +403,11 @@ class RayConfig(Section):
     def local_cpus(self) -> int:
         if self.num_cpus:
             return self.num_cpus
-        per_run = int(self.workers * self.cpus_per_worker + 0.999)
-        runs = max(1, min(self.side_by_side, local_cores() // per_run))
-        return max(4, runs * per_run + 2)
+        return max(4, self.runs_on(local_cores()) * int(self.workers * self.cpus_per_worker + 0.999) + 2)
+
+    def runs_on(self, cores: int) -> int:
+        """Runs side by side that find a core for each CPU they reserve, at most side_by_side."""
+        return max(1, min(self.side_by_side, int(cores // (self.workers * self.cpus_per_worker))))
 
 
 class PipelineConfig(Section):

@@ -65,20 +65,19 @@ def runs_at_once(ray_cfg, cores: int | None = None) -> int:
     """How many runs of ``ray_cfg`` the cluster holds at once, at most ``side_by_side``, with
     2 logical CPUs left over for Ray Data's tasks (with none left it starves and hangs). A local
     instance's logical CPUs outnumber its cores, so there the runs must also find a core per
-    CPU they reserve: on 2 cores two runs side by side each stepped 1.8-2.4x slower, and the
-    demo took 1502 s against 1453 one after another (BENCHMARKS.md)."""
+    CPU they reserve: on 2 cores two runs side by side each stepped 1.8-2.25x slower, and the
+    demo took 1502 s against 1426 one after another (BENCHMARKS.md)."""
     import ray
 
     from wss_ray.config import local_cores
     from wss_ray.ray_session import is_local
 
     total = ray.cluster_resources()
-    per_run = ray_cfg.workers * ray_cfg.cpus_per_worker
-    n = min(ray_cfg.side_by_side, int((total.get("CPU", 0) - 2) // per_run))
+    n = min(ray_cfg.side_by_side, int((total.get("CPU", 0) - 2) // (ray_cfg.workers * ray_cfg.cpus_per_worker)))
     if cores is None and is_local():
         cores = local_cores()
     if cores is not None:
-        n = min(n, int(cores // per_run))
+        n = min(n, ray_cfg.runs_on(cores))
     if ray_cfg.use_gpu:
         n = min(n, int(total.get("GPU", 0) // (ray_cfg.workers * ray_cfg.gpus_per_worker)))
     return max(1, n)

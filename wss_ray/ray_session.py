@@ -57,6 +57,10 @@ def _start_local(cfg: RayConfig, attempts: int = 3) -> None:
     # Ray Train's watcher of cloud spot-instance preemption: one more process per run, and
     # this machine is not preempted
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # how often Ray Train's controller polls its workers (2 s by default): a run's end is seen
+    # only at the next poll, and a report waits for one; at 0.5 s a run ends ~5 s sooner (a
+    # 4-step run: last step to result 6.0 s -> 1.0 s), and on one machine a poll costs little
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     for attempt in range(attempts):
         port = _free_port()
         saved = os.environ.get("RAY_GCS_SERVER_PORT")

@@ -128,8 +128,10 @@ def run_plan(plan: list[tuple[str, str, Config, str | None]], train, at_once: in
             # Ray Train stops a run on Ctrl-C from the main thread only; these runs are in
             # threads: a local instance goes down with them (a cluster's runs end with this
             # driver, which owns them)
+            from wss_ray.ray_session import stop_local
+
             log(f"[pipeline] interrupted: stopping {', '.join(sorted(running))}")
-            _stop_local_ray()
+            stop_local()
             raise
         running.discard(key)
         if e is None:
@@ -144,15 +146,6 @@ def run_plan(plan: list[tuple[str, str, Config, str | None]], train, at_once: in
     if waiting:  # cannot happen for a stage_plan: parents come first
         raise RuntimeError(f"runs left without their parent: {[row[0] for row in waiting]}")
     return {key: done[key] for key, *_ in plan}  # plan order (the table's rows), not the order they ended in
-
-
-def _stop_local_ray() -> None:
-    import ray
-
-    from wss_ray.ray_session import is_local
-
-    if is_local() and ray.is_initialized():
-        ray.shutdown()
 
 
 def prepare_data(cfg: Config, out: Path, log=print) -> Path:

@@ -30,6 +30,15 @@ def is_local() -> bool:
 _LOCAL = {"started": False}
 
 
+def stop_local() -> None:
+    """Shut down the local instance this process started (a cluster is left alone)."""
+    import ray
+
+    if is_local() and ray.is_initialized():
+        ray.shutdown()
+    _LOCAL["started"] = False
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))

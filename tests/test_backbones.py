@@ -91,6 +91,24 @@ def test_open_unmix_is_the_reference_with_its_bandwidth_limit():
         load_config(None, ["models.separator.umx.hidden=15"])
 
 
+def test_postfilter_bench_softmask_sums_to_the_mixture_and_em_keeps_the_shape(benchmark):
+    """benchmarks/bench_postfilter.py: the reference's Wiener post-filters on masked estimates."""
+    pf = benchmark("bench_postfilter")
+    torch.manual_seed(0)
+    mix = torch.randn(2, 33, 20, dtype=torch.complex64)
+    masks = torch.rand(2, 3, 33, 20) * 2                  # Open-Unmix's masks need not sum to one
+    est = masks * mix[:, None]
+    assert pf.postfilter(est, mix, "raw") is est
+    soft = pf.postfilter(est, mix, "softmask")
+    assert not torch.allclose(est.sum(1), mix, atol=1e-2)
+    torch.testing.assert_close(soft.sum(1), mix, rtol=1e-4, atol=1e-4)
+    # estimates whose masks already sum to one are left as they are
+    ratio = masks / masks.sum(1, keepdim=True) * mix[:, None]
+    torch.testing.assert_close(pf.postfilter(ratio, mix, "softmask"), ratio, rtol=1e-4, atol=1e-4)
+    em = pf.postfilter(est, mix, "em1")
+    assert em.shape == est.shape and em.dtype == est.dtype and torch.isfinite(torch.view_as_real(em)).all()
+
+
 def test_waveform_backbone_sums_to_the_mixture_when_asked_and_the_losses_see_its_stft():
     torch.manual_seed(0)
     stft = STFT(512, 128)

@@ -20,11 +20,14 @@ import sys
 from pathlib import Path
 
 import torch
+from openunmix.filtering import wiener
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repo, without an install
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_backbones import averages  # noqa: E402
 from wss_ray import separation  # noqa: E402
-from wss_ray.evaluate import _avg, evaluate  # noqa: E402
+from wss_ray.evaluate import evaluate  # noqa: E402
 
 FILTERS = {"raw": None, "softmask": (0, True), "em1": (1, False)}
 
@@ -34,8 +37,6 @@ def postfilter(est_spec: torch.Tensor, mix_spec: torch.Tensor, name: str) -> tor
     masked estimates ``est_spec`` and the mixture's STFT ``mix_spec`` (B, F, N)."""
     if FILTERS[name] is None:
         return est_spec
-    from openunmix.filtering import wiener
-
     iterations, softmask = FILTERS[name]
     out = []
     for v, x in zip(est_spec.abs(), mix_spec):
@@ -78,8 +79,7 @@ def main() -> None:
     for name in a.filters:
         with filtered(name):
             table = evaluate(a.checkpoints, a.data, out / name, split=a.split, log=lambda *_: None)
-        systems = dict.fromkeys(r["system"] for r in table)
-        report["avg"][name] = {s: _avg(table, s) for s in systems}
+        report["avg"][name] = averages(table)
         print(f"[bench_postfilter] {name}: " + ", ".join(f"{s} {v:.2f}" for s, v in report["avg"][name].items()),
               flush=True)
     (out / "postfilter.json").write_text(json.dumps(report, indent=2))

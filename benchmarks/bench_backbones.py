@@ -45,12 +45,23 @@ REPO = Path(__file__).resolve().parent.parent
 CPU_SIZES = {
     "blstm": [],
     "umx": ["models.separator.umx.hidden=128"],
+    # Open-Unmix on its own STFT (128 ms windows, 32 ms hops at 16 kHz; the reference's 93 / 23 ms
+    # at 44.1 kHz), ratio masks: chosen on validation at 180 s, one seed (BENCHMARKS.md, session 21)
+    "umx-stft": ["models.separator.umx.hidden=128", "models.separator.umx.n_fft=2048",
+                 "models.separator.umx.hop=512", "models.separator.umx.softmask=true"],
     "unet": ["models.separator.unet.channels=8", "models.separator.unet.depth=5"],
     "convtasnet": ["models.separator.convtasnet.enc_kernel=32", "models.separator.convtasnet.enc_feats=128",
                    "models.separator.convtasnet.bottleneck=64", "models.separator.convtasnet.hidden=128",
                    "models.separator.convtasnet.layers=6", "models.separator.convtasnet.stacks=2"],
 }
 ROWS = {"supervised": "supervised", "separator": "separator[c+h]"}
+# a bench name that is a variant of one ``models.separator.arch``
+ARCH = {"umx-stft": "umx"}
+
+
+def bench_config(config: str | None, name: str, overrides: list[str]):
+    """The config of one bench name: its arch, the bench's sizes for it, then ``overrides``."""
+    return load_config(config, [f"models.separator.arch={ARCH.get(name, name)}", *CPU_SIZES[name], *overrides])
 
 
 def n_params(cfg, manifest) -> int:
@@ -143,7 +154,7 @@ def main() -> None:
 
     rows = {stage: ROWS[stage] for stage in a.rows}
     report["overrides"] = a.overrides
-    cfgs = {arch: load_config(a.config, [f"models.separator.arch={arch}", *CPU_SIZES[arch], *a.overrides])
+    cfgs = {arch: bench_config(a.config, arch, a.overrides)
             for arch in a.archs}
     # 1. step times, side by side: a short run of each row's own training loop
     for arch, cfg in cfgs.items():

@@ -11,10 +11,10 @@ import torch
 
 from wss_ray.config import ConfigError, load_config
 from wss_ray.dsp import STFT
-from wss_ray.models import MaskSeparator, TasNetSeparator, UNetSeparator, UnmixSeparator
+from wss_ray.models import MaskSeparator, TasNetSeparator, UNetSeparator, UnmixSeparator, UnmixWaveSeparator
 from wss_ray.separation import estimate
 
-ARCHS = ("blstm", "umx", "unet", "convtasnet")
+ARCHS = ("blstm", "umx", "umx-stft", "unet", "convtasnet")
 STAGES = [("transcriptor", None), ("classifier", None), ("supervised", None), ("separator", "transcriptor"),
           ("baseline", "classifier"), ("finetune", "separator")]
 
@@ -22,8 +22,10 @@ STAGES = [("transcriptor", None), ("classifier", None), ("supervised", None), ("
 def tiny_cfg(small_cfg, arch: str):
     cfg = copy.deepcopy(small_cfg)
     sep = cfg.models.separator
-    sep.arch = arch
+    sep.arch = "umx" if arch == "umx-stft" else arch
     sep.umx.hidden = 16
+    if arch == "umx-stft":   # Open-Unmix on its own STFT (a waveform backbone), ratio masks
+        sep.umx.n_fft, sep.umx.hop, sep.umx.softmask = 512, 128, True
     sep.unet.channels, sep.unet.depth = 4, 3
     t = sep.convtasnet
     t.enc_feats, t.bottleneck, t.hidden, t.layers, t.stacks = 16, 8, 16, 2, 1
@@ -109,6 +111,70 @@ def test_postfilter_bench_softmask_sums_to_the_mixture_and_em_keeps_the_shape(be
     assert em.shape == est.shape and em.dtype == est.dtype and torch.isfinite(torch.view_as_real(em)).all()
 
 
+def test_open_unmix_on_its_own_stft_is_a_waveform_backbone_that_sums_to_the_mixture_with_masks_summing_to_one():
+    """``models.separator.umx.n_fft/hop``: the reference's ``Separator`` arrangement (its own
+    STFT, masks on the mixture's phase, inverse STFT); the score losses see its waveforms through
+    the project's STFT."""
+    torch.manual_seed(0)
+    stft = STFT(512, 128)
+    mix = torch.randn(2, 8000) * 0.3
+    model = UnmixWaveSeparator(3, sample_rate=16000, n_fft=1024, hop=256, hidden=16, layers=2)
+    assert model.unmix.targets[0].nb_output_bins == 513            # its own resolution, not the project's 257
+    est = estimate(model.eval(), mix, stft)
+    assert est.waves.shape == (2, 3, 8000) and est.masks is None
+    assert est.mag.shape == (2, 3, 257, stft.n_frames(8000))
+    torch.testing.assert_close(est.mag, stft(est.waves).abs())
+    assert torch.equal(est.waveforms(stft, 8000), est.waves)
+    # its waveforms are the inner Open-Unmix's masks on its own STFT of the mixture
+    own = model.stft(mix)
+    torch.testing.assert_close(est.waves, model.stft.inverse(model.unmix(own.abs()) * own[:, None], 8000))
+    # the estimates follow the mixture's level
+    torch.testing.assert_close(estimate(model, 4 * mix, stft).waves, 4 * est.waves, rtol=1e-4, atol=1e-4)
+    # gradients reach every weight through the inverse STFT and the project's STFT
+    model.train()
+    estimate(model, mix, stft).mag.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    model.eval()
+    # masks that sum to one (the networks' output scale zeroed leaves each at its offset 1/K) give
+    # estimates that sum to the mixture: the inverse STFT reconstructs it
+    with torch.no_grad():
+        for t in model.unmix.targets:
+            t.output_scale.zero_()
+    torch.testing.assert_close(model(mix).sum(dim=1), mix, atol=1e-5, rtol=0)
+    # the reference's softmask: ratio masks, so a fresh network's estimates sum to the mixture
+    # (its raw masks do not), and digital silence gives silence, not NaN
+    torch.manual_seed(1)
+    raw = UnmixWaveSeparator(3, sample_rate=16000, n_fft=1024, hop=256, hidden=16, layers=2).eval()
+    soft = UnmixWaveSeparator(3, sample_rate=16000, n_fft=1024, hop=256, hidden=16, layers=2, softmask=True).eval()
+    soft.load_state_dict(raw.state_dict())
+    assert (raw(mix).sum(dim=1) - mix).abs().max() > 1e-2
+    torch.testing.assert_close(soft(mix).sum(dim=1), mix, atol=1e-5, rtol=0)
+    quiet = torch.cat([torch.zeros(1, 4000), mix[:1, :4000]], dim=1)
+    out = soft(quiet)
+    assert torch.isfinite(out).all() and out[..., :3000].abs().max() == 0
+    for bad, field in ((["models.separator.umx.n_fft=2048"], "n_fft"),
+                       (["models.separator.umx.n_fft=1024", "models.separator.umx.hop=1024"], "hop"),
+                       (["models.separator.umx.softmask=true"], "softmask")):
+        with pytest.raises(ConfigError, match=rf"models\.separator\.umx\.{field}"):
+            load_config(None, bad)
+
+
+def test_each_backbone_bench_name_builds_its_backbone(benchmark, features):
+    """benchmarks/bench_backbones.py: every ``--archs`` name is a valid config of its arch."""
+    from wss_ray.data.dataset import load_manifest
+    from wss_ray.stages.base import StepContext
+
+    bench = benchmark("bench_backbones")
+    manifest = load_manifest(features)
+    built = {}
+    for name in bench.CPU_SIZES:
+        cfg = bench.bench_config(None, name, [])
+        ctx = StepContext(cfg, cfg.stages["separator"], manifest, torch.device("cpu"))
+        built[name] = type(ctx.new_separator()).__name__
+    assert built == {"blstm": "MaskSeparator", "umx": "UnmixSeparator", "umx-stft": "UnmixWaveSeparator",
+                     "unet": "UNetSeparator", "convtasnet": "TasNetSeparator"}
+
+
 def test_waveform_backbone_sums_to_the_mixture_when_asked_and_the_losses_see_its_stft():
     torch.manual_seed(0)
     stft = STFT(512, 128)
@@ -158,8 +224,8 @@ def test_every_stage_trains_with_each_backbone_and_its_checkpoints_separate(arch
         ckpt[stage] = train_local(stage, cfg, features, tmp_path / stage, parent=ckpt.get(parent), log=None)
         meta = read_meta(ckpt[stage])
         assert np.isfinite(meta["metrics"]["loss"]), (arch, stage)
-    cls = {"blstm": "MaskSeparator", "umx": "UnmixSeparator", "unet": "UNetSeparator",
-           "convtasnet": "TasNetSeparator"}[arch]
+    cls = {"blstm": "MaskSeparator", "umx": "UnmixSeparator", "umx-stft": "UnmixWaveSeparator",
+           "unet": "UNetSeparator", "convtasnet": "TasNetSeparator"}[arch]
     song = np.random.default_rng(0).normal(0, 0.1, 16000 * 3).astype(np.float32)
     for stage in ("supervised", "separator", "baseline", "finetune"):
         sep = Separator.from_checkpoint(ckpt[stage])

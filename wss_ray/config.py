@@ -157,15 +157,29 @@ class SynthConfig(Section):
 
 
 class UnmixConfig(Section):
-    """Open-Unmix (the reference's sizes): BLSTM width, layers, input bandwidth in Hz."""
+    """Open-Unmix (the reference's sizes): BLSTM width, layers, input bandwidth in Hz; ``n_fft``
+    / ``hop``: 0 reads the project's STFT (a mask backbone), a size gives the model its own STFT
+    (a waveform backbone, as the reference's ``Separator``; both or neither); ``softmask``: with
+    its own STFT, ratio masks (the estimates sum to the mixture), the reference's option."""
     hidden: PosInt = 512
     layers: PosInt = 3
     bandwidth: Pos = 16000.0
+    n_fft: Annotated[int, Field(ge=0)] = 0
+    hop: Annotated[int, Field(ge=0)] = 0
+    softmask: bool = False
 
     @model_validator(mode="after")
     def _even(self) -> "UnmixConfig":
         if self.hidden % 2:
             raise _Field("hidden", f"{self.hidden}: each direction of the BLSTM is hidden/2 wide, so it must be even")
+        if (self.n_fft == 0) != (self.hop == 0):
+            raise _Field("n_fft", f"n_fft={self.n_fft}, hop={self.hop}: give both (its own STFT) or neither "
+                                  "(the project's)")
+        if self.hop > self.n_fft // 2:
+            raise _Field("hop", f"{self.hop} exceeds n_fft/2={self.n_fft // 2}: the inverse STFT would not "
+                                "reconstruct the mixture")
+        if self.softmask and not self.n_fft:
+            raise _Field("softmask", "needs the model's own STFT (n_fft, hop): the ratio masks are its output")
         return self
 
 

@@ -78,10 +78,13 @@ class StepContext:
         c, m = self.cfg.models.separator, self.manifest
         n_bins = m["n_fft"] // 2 + 1
         # each backbone's config section names its constructor's size arguments
+        if c.arch == "umx" and c.umx.n_fft:
+            return make_model("UnmixWaveSeparator", {"n_sources": self.n_sources, "sample_rate": m["sample_rate"],
+                                                     **c.umx.model_dump()})
         if c.arch == "umx":
+            sizes = c.umx.model_dump(exclude={"n_fft", "hop", "softmask"})
             return make_model("UnmixSeparator", {"n_bins": n_bins, "n_sources": self.n_sources,
-                                                 "sample_rate": m["sample_rate"], "n_fft": m["n_fft"],
-                                                 **c.umx.model_dump()})
+                                                 "sample_rate": m["sample_rate"], "n_fft": m["n_fft"], **sizes})
         if c.arch == "unet":
             return make_model("UNetSeparator", {"n_bins": n_bins, "n_sources": self.n_sources, **c.unet.model_dump()})
         if c.arch == "convtasnet":

@@ -1,6 +1,7 @@
-"""Separator backbones at an equal wall-clock budget: for each ``models.separator.arch``, the
-supervised row (the backbone's ceiling) and the weak separator[c+h] row (trained through a
-given frozen transcriptor, no stems), over several seeds, scored on the multi-source table.
+"""Separator backbones at an equal wall-clock budget: for each backbone (a ``models.separator.arch``,
+or a variant of one such as ``umx-stft``), the supervised row (the backbone's ceiling) and the
+weak separator[c+h] row (trained through a given frozen transcriptor, no stems), over several
+seeds, scored on the multi-source table.
 
 Equal budget: every row's step time is measured first, side by side in this run, by a short
 run of the very loop that trains it (``train_local``: batches built from Arrow, random-offset

@@ -73,6 +73,15 @@ def main() -> None:
     ap.add_argument("--filters", nargs="+", default=list(FILTERS), choices=list(FILTERS))
     ap.add_argument("--out", default="bench_postfilter")
     a = ap.parse_args()
+    from wss_ray.separate import Separator
+
+    for c in a.checkpoints:
+        # a waveform backbone (Conv-TasNet, Open-Unmix on its own STFT) has no masks on the
+        # project's STFT to filter: its columns would all be its raw figure
+        if separation.domain(Separator.from_checkpoint(c).separator) == "wave":
+            print(f"bench_postfilter: {c}: a waveform backbone; the post-filters act on mask backbones' estimates",
+                  file=sys.stderr)
+            sys.exit(2)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"data": a.data, "split": a.split, "checkpoints": a.checkpoints, "avg": {}}

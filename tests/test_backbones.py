@@ -152,7 +152,13 @@ def test_open_unmix_on_its_own_stft_is_a_waveform_backbone_that_sums_to_the_mixt
     quiet = torch.cat([torch.zeros(1, 4000), mix[:1, :4000]], dim=1)
     out = soft(quiet)
     assert torch.isfinite(out).all() and out[..., :3000].abs().max() == 0
-    for bad, field in ((["models.separator.umx.n_fft=2048"], "n_fft"),
+    soft.train()(quiet).pow(2).sum().backward()                      # no NaN gradient from the ratio
+    assert all(torch.isfinite(p.grad).all() for p in soft.parameters() if p.grad is not None)
+    # a clip shorter than its own window (inference pads only to the project's) keeps its length
+    short = soft.eval()(mix[:, :300])
+    assert short.shape == (2, 3, 300) and torch.isfinite(short).all()
+    torch.testing.assert_close(short.sum(dim=1), mix[:, :300], atol=1e-5, rtol=0)
+    for bad, field in ((["models.separator.umx.n_fft=2048"], "hop"), (["models.separator.umx.hop=512"], "n_fft"),
                        (["models.separator.umx.n_fft=1024", "models.separator.umx.hop=1024"], "hop"),
                        (["models.separator.umx.softmask=true"], "softmask")):
         with pytest.raises(ConfigError, match=rf"models\.separator\.umx\.{field}"):
@@ -170,9 +176,14 @@ def test_each_backbone_bench_name_builds_its_backbone(benchmark, features):
     for name in bench.CPU_SIZES:
         cfg = bench.bench_config(None, name, [])
         ctx = StepContext(cfg, cfg.stages["separator"], manifest, torch.device("cpu"))
-        built[name] = type(ctx.new_separator()).__name__
-    assert built == {"blstm": "MaskSeparator", "umx": "UnmixSeparator", "umx-stft": "UnmixWaveSeparator",
-                     "unet": "UNetSeparator", "convtasnet": "TasNetSeparator"}
+        built[name] = ctx.new_separator()
+    assert {k: type(m).__name__ for k, m in built.items()} == {
+        "blstm": "MaskSeparator", "umx": "UnmixSeparator", "umx-stft": "UnmixWaveSeparator",
+        "unet": "UNetSeparator", "convtasnet": "TasNetSeparator"}
+    # the bench's sizes reach the model (and its checkpoint's constructor arguments)
+    kw = built["umx-stft"].init_kwargs
+    assert (kw["n_fft"], kw["hop"], kw["softmask"], kw["hidden"]) == (2048, 512, True, 128)
+    assert built["umx"].init_kwargs["n_fft"] == manifest["n_fft"] and "softmask" not in built["umx"].init_kwargs
 
 
 def test_waveform_backbone_sums_to_the_mixture_when_asked_and_the_losses_see_its_stft():
@@ -230,6 +241,8 @@ def test_every_stage_trains_with_each_backbone_and_its_checkpoints_separate(arch
     for stage in ("supervised", "separator", "baseline", "finetune"):
         sep = Separator.from_checkpoint(ckpt[stage])
         assert type(sep.separator).__name__ == cls
+        if arch == "umx-stft":   # its own STFT and ratio masks survive the checkpoint
+            assert (sep.separator.n_fft, sep.separator.hop, sep.separator.softmask) == (512, 128, True)
         out = sep.separate(song, 16000, chunk_seconds=1.0)
         assert set(out) == {"piano", "guitar", "bass", "residual"}
         for x in out.values():

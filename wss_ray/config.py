@@ -169,12 +169,13 @@ class UnmixConfig(Section):
     softmask: bool = False
 
     @model_validator(mode="after")
-    def _even(self) -> "UnmixConfig":
+    def _sizes(self) -> "UnmixConfig":
         if self.hidden % 2:
             raise _Field("hidden", f"{self.hidden}: each direction of the BLSTM is hidden/2 wide, so it must be even")
         if (self.n_fft == 0) != (self.hop == 0):
-            raise _Field("n_fft", f"n_fft={self.n_fft}, hop={self.hop}: give both (its own STFT) or neither "
-                                  "(the project's)")
+            missing = "hop" if self.hop == 0 else "n_fft"
+            raise _Field(missing, f"missing (n_fft={self.n_fft}, hop={self.hop}): give both (its own STFT) or "
+                                  "neither (the project's)")
         if self.hop > self.n_fft // 2:
             raise _Field("hop", f"{self.hop} exceeds n_fft/2={self.n_fft // 2}: the inverse STFT would not "
                                 "reconstruct the mixture")

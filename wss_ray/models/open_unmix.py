@@ -65,7 +65,8 @@ class UnmixWaveSeparator(nn.Module):
     shortens the sequence the BLSTMs walk frame by frame, which is where a CPU step's time goes.
     The reference's EM post-filter is not applied (its default, ``niter=0``); ``softmask``
     is the reference's other option, ratio masks Ŝ_k / Σ_j Ŝ_j on X, so the estimates sum to
-    the mixture (here in training too, since training and inference share this forward)."""
+    the mixture in every bin where some mask is non-zero (here in training too, since training
+    and inference share this forward)."""
 
     domain = "wave"
 
@@ -78,8 +79,12 @@ class UnmixWaveSeparator(nn.Module):
                                     bandwidth=bandwidth)
 
     def forward(self, mix: torch.Tensor) -> torch.Tensor:
-        spec = self.stft(mix.float())
+        # a mixture shorter than this model's window (the callers pad only to the project's) is
+        # zero-padded to one window and cut back: the centred STFT cannot reflect-pad it
+        length = mix.shape[-1]
+        padded = torch.nn.functional.pad(mix.float(), (0, max(0, self.n_fft - length)))
+        spec = self.stft(padded)
         masks = self.unmix(spec.abs())
-        if self.softmask:   # where every mask is 0 the estimates stay 0 (0 / eps), not NaN
+        if self.softmask:   # a bin where every mask is 0 stays 0 (0 / eps), not NaN
             masks = masks / masks.sum(dim=1, keepdim=True).clamp_min(1e-8)
-        return self.stft.inverse(masks.float() * spec[:, None], mix.shape[-1])
+        return self.stft.inverse(masks.float() * spec[:, None], padded.shape[-1])[..., :length]

@@ -14,7 +14,10 @@ from wss_ray.dsp import STFT
 from wss_ray.models import MaskSeparator, TasNetSeparator, UNetSeparator, UnmixSeparator, UnmixWaveSeparator
 from wss_ray.separation import estimate
 
-ARCHS = ("blstm", "umx", "umx-stft", "unet", "convtasnet")
+# each backbone name (an arch, or umx-stft: Open-Unmix on its own STFT) and the class it builds
+CLASSES = {"blstm": "MaskSeparator", "umx": "UnmixSeparator", "umx-stft": "UnmixWaveSeparator",
+           "unet": "UNetSeparator", "convtasnet": "TasNetSeparator"}
+ARCHS = tuple(CLASSES)
 STAGES = [("transcriptor", None), ("classifier", None), ("supervised", None), ("separator", "transcriptor"),
           ("baseline", "classifier"), ("finetune", "separator")]
 
@@ -177,9 +180,7 @@ def test_each_backbone_bench_name_builds_its_backbone(benchmark, features):
         cfg = bench.bench_config(None, name, [])
         ctx = StepContext(cfg, cfg.stages["separator"], manifest, torch.device("cpu"))
         built[name] = ctx.new_separator()
-    assert {k: type(m).__name__ for k, m in built.items()} == {
-        "blstm": "MaskSeparator", "umx": "UnmixSeparator", "umx-stft": "UnmixWaveSeparator",
-        "unet": "UNetSeparator", "convtasnet": "TasNetSeparator"}
+    assert {k: type(m).__name__ for k, m in built.items()} == CLASSES
     # the bench's sizes reach the model (and its checkpoint's constructor arguments)
     kw = built["umx-stft"].init_kwargs
     assert (kw["n_fft"], kw["hop"], kw["softmask"], kw["hidden"]) == (2048, 512, True, 128)
@@ -235,8 +236,7 @@ def test_every_stage_trains_with_each_backbone_and_its_checkpoints_separate(arch
         ckpt[stage] = train_local(stage, cfg, features, tmp_path / stage, parent=ckpt.get(parent), log=None)
         meta = read_meta(ckpt[stage])
         assert np.isfinite(meta["metrics"]["loss"]), (arch, stage)
-    cls = {"blstm": "MaskSeparator", "umx": "UnmixSeparator", "umx-stft": "UnmixWaveSeparator",
-           "unet": "UNetSeparator", "convtasnet": "TasNetSeparator"}[arch]
+    cls = CLASSES[arch]
     song = np.random.default_rng(0).normal(0, 0.1, 16000 * 3).astype(np.float32)
     for stage in ("supervised", "separator", "baseline", "finetune"):
         sep = Separator.from_checkpoint(ckpt[stage])

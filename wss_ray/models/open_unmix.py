@@ -73,7 +73,7 @@ class UnmixWaveSeparator(nn.Module):
     def __init__(self, n_sources: int, sample_rate: int, n_fft: int = 2048, hop: int = 512, hidden: int = 512,
                  layers: int = 3, bandwidth: float = 16000.0, softmask: bool = False):
         super().__init__()
-        self.n_sources, self.n_fft, self.hop, self.softmask = n_sources, n_fft, hop, softmask
+        self.n_fft, self.hop, self.softmask = n_fft, hop, softmask
         self.stft = STFT(n_fft, hop)
         self.unmix = UnmixSeparator(n_fft // 2 + 1, n_sources, sample_rate, n_fft, hidden=hidden, layers=layers,
                                     bandwidth=bandwidth)

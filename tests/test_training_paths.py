@@ -497,3 +497,58 @@ def test_continuing_the_optimizer_refuses_a_parent_without_one(features, small_c
         train_local("finetune", cfg, features, tmp_path / "ft", parent=str(exported), log=None)
     cfg.stages["finetune"].steps = 1
     assert train_local("finetune", cfg, features, tmp_path / "ft", parent=str(sep), log=None).is_dir()
+
+
+def test_supervised_augmentation_draws_each_source_from_another_window_scaled_and_sums_them(features, small_cfg,
+                                                                                           tmp_path):
+    """stages.supervised.gain_min/gain_max/remix, Open-Unmix's training augmentation, on real
+    windows: each audible source of a new window is one window's source scaled by a gain in the
+    range, the windows a source column draws on are a permutation of the batch, its roll and
+    activity follow it, and the new mixture is the new sources plus its window's residual."""
+    import copy
+
+    from wss_ray.config import ConfigError, load_config
+    from wss_ray.data.dataset import load_split
+    from wss_ray.stages.supervised import augment
+
+    m = load_manifest(features)
+    batch = to_tensors(load_split(features, "train", with_stems=True).slice(0, 8), m)
+    assert augment(batch, small_cfg.stages["supervised"]) is batch   # the default: the windows as read
+    s = copy.deepcopy(small_cfg.stages["supervised"])
+    s.gain_min, s.gain_max, s.remix = 0.25, 1.25, True
+    torch.manual_seed(0)
+    out = augment(batch, s)
+    stems, new = batch["stems"], out["stems"]
+    b, k = stems.shape[:2]
+    torch.testing.assert_close(out["mix"], batch["mix"] - stems.sum(1) + new.sum(1))
+    moved = 0
+    for j in range(k):
+        origins = []
+        for i in range(b):
+            if new[i, j].abs().amax() == 0:
+                continue   # a silent source: any window's silence would do
+            fits = []
+            for w in range(b):
+                ref = stems[w, j]
+                if ref.abs().amax() == 0:
+                    continue
+                g = float((new[i, j] * ref).sum() / (ref * ref).sum())
+                if torch.allclose(new[i, j], g * ref, atol=1e-6):
+                    fits.append((w, g))
+            assert len(fits) == 1, (i, j, fits)
+            w, g = fits[0]
+            assert 0.25 <= g <= 1.25
+            assert torch.equal(out["roll"][i, j], batch["roll"][w, j]) and out["active"][i, j] == batch["active"][w, j]
+            origins.append(w)
+            moved += w != i
+        assert len(set(origins)) == len(origins)   # a permutation: no window's source used twice
+    assert moved > 0
+    with pytest.raises(ConfigError, match="stages.supervised.gain_min"):
+        load_config(None, ["stages.supervised.gain_min=2"])
+    # it trains: the plain loop, two steps with the augmentation (validation reads the windows as read)
+    cfg = copy.deepcopy(small_cfg)
+    sup = cfg.stages["supervised"]
+    sup.steps, sup.checkpoint_every, sup.batch_size = 2, 2, 4
+    sup.gain_min, sup.gain_max, sup.remix = 0.25, 1.25, True
+    meta = read_meta(train_local("supervised", cfg, features, tmp_path / "sup", log=None))
+    assert np.isfinite(meta["metrics"]["loss"]) and meta["config"]["stages"]["supervised"]["remix"] is True

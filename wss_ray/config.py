@@ -323,7 +323,20 @@ class BaselineSettings(StageSettings):
 
 
 class SupervisedSettings(StageSettings):
-    pass
+    # [ours, after Open-Unmix's training recipe] augmentation of the stems, which only this
+    # stage has: each source of each training window is scaled by a gain drawn uniformly in
+    # [gain_min, gain_max] (the reference: 0.25 - 1.25) and, with remix, taken from another
+    # window of the batch (the reference's random track mix); the mixture is rebuilt from them.
+    # 1 / 1 / false: the windows as read (the paper). Validation is never augmented
+    gain_min: Pos = 1.0
+    gain_max: Pos = 1.0
+    remix: bool = False
+
+    @model_validator(mode="after")
+    def _gains(self) -> "SupervisedSettings":
+        if self.gain_min > self.gain_max:
+            raise _Field("gain_min", f"{self.gain_min} exceeds gain_max={self.gain_max}")
+        return self
 
 
 # settings renamed or moved, so an old preset gets a pointer instead of only "unknown"

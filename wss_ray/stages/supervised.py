@@ -25,6 +25,7 @@ class SupervisedRecipe(Recipe):
         return supervised_loss(out.mag, ref.abs())
 
     def losses(self, batch, models, ctx):
+        batch = augment(batch, ctx.stage)
         return {"loss": self._loss(ctx.separate(models["separator"], batch), ctx.stft(batch["stems"]), ctx)}
 
     @torch.no_grad()
@@ -34,3 +35,27 @@ class SupervisedRecipe(Recipe):
         audible = batch["stems"].abs().amax(dim=-1) > 1e-3
         return {"val_loss": float(self._loss(out, ctx.stft(batch["stems"]), ctx)),
                 "val_si_sdr": float(score[audible].mean()) if audible.any() else 0.0}
+
+
+def augment(batch: dict, s) -> dict:
+    """Open-Unmix's training augmentation on a batch with stems (B, K, L): source k of window i
+    is drawn from window π_k(i) of the batch when ``s.remix`` (an independent permutation per
+    source, so the sources of a new mixture need not have played together), scaled by a gain
+    drawn uniformly in [s.gain_min, s.gain_max], and the mixture is rebuilt as window i's
+    residual (what its mixture holds beyond the K stems: nothing in the synthetic corpus) plus
+    the new sources. The rolls and activity follow their sources. Draws from torch's generator,
+    which the runner seeds per rank."""
+    if not s.remix and s.gain_min == s.gain_max == 1.0:
+        return batch
+    stems, mix = batch["stems"], batch["mix"]
+    b, k = stems.shape[:2]
+    out = dict(batch)
+    if s.remix:
+        src = torch.stack([torch.randperm(b) for _ in range(k)], dim=1).to(stems.device)   # (B, K)
+        col = torch.arange(k, device=stems.device)
+        out.update({key: batch[key][src, col] for key in ("stems", "roll", "active") if key in batch})
+    gains = s.gain_min + (s.gain_max - s.gain_min) * torch.rand(b, k, 1, device=stems.device)
+    out["stems"] = out["stems"] * gains.to(stems.dtype)
+    out["mix"] = (mix - stems.sum(dim=1)) + out["stems"].sum(dim=1)
+    return out
+

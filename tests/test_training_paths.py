@@ -499,56 +499,77 @@ def test_continuing_the_optimizer_refuses_a_parent_without_one(features, small_c
     assert train_local("finetune", cfg, features, tmp_path / "ft", parent=str(sep), log=None).is_dir()
 
 
+def _origins(batch: dict, out: dict) -> dict:
+    """(i, j) -> (w, g) for each audible source j of augmented window i: it is g times source j
+    of window w of ``batch`` (asserted: exactly one window fits)."""
+    stems, new = batch["stems"], out["stems"]
+    found = {}
+    for i in range(new.shape[0]):
+        for j in range(new.shape[1]):
+            if new[i, j].abs().amax() == 0:
+                continue   # a silent source: any window's silence would do
+            fits = []
+            for w in range(stems.shape[0]):
+                ref = stems[w, j]
+                if ref.abs().amax() > 0:
+                    g = float((new[i, j] * ref).sum() / (ref * ref).sum())
+                    if torch.allclose(new[i, j], g * ref, atol=1e-6):
+                        fits.append((w, g))
+            assert len(fits) == 1, (i, j, fits)
+            found[i, j] = fits[0]
+    return found
+
+
 def test_supervised_augmentation_draws_each_source_from_another_window_scaled_and_sums_them(features, small_cfg,
-                                                                                           tmp_path):
+                                                                                           tmp_path, monkeypatch):
     """stages.supervised.gain_min/gain_max/remix, Open-Unmix's training augmentation, on real
-    windows: each audible source of a new window is one window's source scaled by a gain in the
-    range, the windows a source column draws on are a permutation of the batch, its roll and
-    activity follow it, and the new mixture is the new sources plus its window's residual."""
+    windows: each audible source of a new window is one window's source scaled by its own gain in
+    the range, each source column draws on its own permutation of the batch, its roll and
+    activity follow it, the new mixture is the new sources plus its window's residual; training
+    steps augment, validation never does."""
     import copy
 
     from wss_ray.config import ConfigError, load_config
     from wss_ray.data.dataset import load_split
-    from wss_ray.stages.supervised import augment
+    from wss_ray.stages import supervised as sup_mod
 
     m = load_manifest(features)
     batch = to_tensors(load_split(features, "train", with_stems=True).slice(0, 8), m)
-    assert augment(batch, small_cfg.stages["supervised"]) is batch   # the default: the windows as read
+    assert sup_mod.augment(batch, small_cfg.stages["supervised"]) is batch   # the default: the windows as read
     s = copy.deepcopy(small_cfg.stages["supervised"])
-    s.gain_min, s.gain_max, s.remix = 0.25, 1.25, True
-    torch.manual_seed(0)
-    out = augment(batch, s)
-    stems, new = batch["stems"], out["stems"]
-    b, k = stems.shape[:2]
-    torch.testing.assert_close(out["mix"], batch["mix"] - stems.sum(1) + new.sum(1))
-    moved = 0
-    for j in range(k):
-        origins = []
-        for i in range(b):
-            if new[i, j].abs().amax() == 0:
-                continue   # a silent source: any window's silence would do
-            fits = []
-            for w in range(b):
-                ref = stems[w, j]
-                if ref.abs().amax() == 0:
-                    continue
-                g = float((new[i, j] * ref).sum() / (ref * ref).sum())
-                if torch.allclose(new[i, j], g * ref, atol=1e-6):
-                    fits.append((w, g))
-            assert len(fits) == 1, (i, j, fits)
-            w, g = fits[0]
-            assert 0.25 <= g <= 1.25
+    s.gain_min, s.gain_max = 0.25, 1.25
+    for remix in (False, True):
+        s.remix = remix
+        torch.manual_seed(0)
+        out = sup_mod.augment(batch, s)
+        torch.testing.assert_close(out["mix"], batch["mix"] - batch["stems"].sum(1) + out["stems"].sum(1))
+        found = _origins(batch, out)
+        assert all(0.25 <= g <= 1.25 for _, g in found.values())
+        by_window = {}
+        for (i, j), (w, g) in found.items():
             assert torch.equal(out["roll"][i, j], batch["roll"][w, j]) and out["active"][i, j] == batch["active"][w, j]
-            origins.append(w)
-            moved += w != i
-        assert len(set(origins)) == len(origins)   # a permutation: no window's source used twice
-    assert moved > 0
+            by_window.setdefault(i, []).append((w, g))
+        # a gain per source, not one per window
+        assert any(len({round(g, 4) for _, g in v}) > 1 for v in by_window.values())
+        if not remix:
+            assert all(w == i for (i, _), (w, _) in found.items())
+            continue
+        for j in range(batch["stems"].shape[1]):   # a permutation: no window's source used twice
+            column = [w for (i, jj), (w, _) in found.items() if jj == j]
+            assert len(set(column)) == len(column)
+        assert any(w != i for (i, _), (w, _) in found.items())
+        # each source its own permutation: some new window mixes sources of different windows
+        assert any(len({w for w, _ in v}) > 1 for v in by_window.values())
     with pytest.raises(ConfigError, match="stages.supervised.gain_min"):
-        load_config(None, ["stages.supervised.gain_min=2"])
-    # it trains: the plain loop, two steps with the augmentation (validation reads the windows as read)
+        load_config(None, ["stages.supervised.gain_max=0.5"])
+    # training steps augment, validation reads the windows as read: the plain loop, two steps
+    calls = []
+    real = sup_mod.augment
+    monkeypatch.setattr(sup_mod, "augment", lambda b, st: calls.append(1) or real(b, st))
     cfg = copy.deepcopy(small_cfg)
     sup = cfg.stages["supervised"]
     sup.steps, sup.checkpoint_every, sup.batch_size = 2, 2, 4
     sup.gain_min, sup.gain_max, sup.remix = 0.25, 1.25, True
     meta = read_meta(train_local("supervised", cfg, features, tmp_path / "sup", log=None))
-    assert np.isfinite(meta["metrics"]["loss"]) and meta["config"]["stages"]["supervised"]["remix"] is True
+    assert len(calls) == 2 and meta["config"]["stages"]["supervised"]["remix"] is True
+    assert np.isfinite(meta["metrics"]["loss"]) and np.isfinite(meta["metrics"]["val_si_sdr"])

@@ -335,7 +335,7 @@ class SupervisedSettings(StageSettings):
     @model_validator(mode="after")
     def _gains(self) -> "SupervisedSettings":
         if self.gain_min > self.gain_max:
-            raise _Field("gain_min", f"{self.gain_min} exceeds gain_max={self.gain_max}")
+            raise _Field("gain_min", f"{self.gain_min} exceeds gain_max={self.gain_max} (each defaults to 1)")
         return self
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from wss_ray.losses import si_sdr, supervised_loss, supervised_spectrum_loss
-from wss_ray.stages.base import Recipe, StepContext
+from wss_ray.stages.base import COMMON_TUNABLE, Recipe, StepContext
 
 
 class SupervisedRecipe(Recipe):
@@ -13,6 +13,7 @@ class SupervisedRecipe(Recipe):
     needs_stems = True
     trainable = ("separator",)
     creates = "separator"
+    tunable = COMMON_TUNABLE | {"gain_min", "gain_max", "remix"}
     val_metric, val_mode = "val_si_sdr", "max"
 
     def build(self, ctx: StepContext):
@@ -51,7 +52,8 @@ def augment(batch: dict, s) -> dict:
     b, k = stems.shape[:2]
     out = dict(batch)
     if s.remix:
-        src = torch.stack([torch.randperm(b) for _ in range(k)], dim=1).to(stems.device)   # (B, K)
+        # a uniform permutation per source, drawn on the device (a copy from the host would wait for it)
+        src = torch.argsort(torch.rand(b, k, device=stems.device), dim=0)   # (B, K)
         col = torch.arange(k, device=stems.device)
         out.update({key: batch[key][src, col] for key in ("stems", "roll", "active") if key in batch})
     gains = s.gain_min + (s.gain_max - s.gain_min) * torch.rand(b, k, 1, device=stems.device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from wss_ray.config import SupervisedSettings
 from wss_ray.losses import si_sdr, supervised_loss, supervised_spectrum_loss
 from wss_ray.stages.base import COMMON_TUNABLE, Recipe, StepContext
 
@@ -38,7 +39,7 @@ class SupervisedRecipe(Recipe):
                 "val_si_sdr": float(score[audible].mean()) if audible.any() else 0.0}
 
 
-def augment(batch: dict, s) -> dict:
+def augment(batch: dict, s: SupervisedSettings) -> dict:
     """Open-Unmix's training augmentation on a batch with stems (B, K, L): source k of window i
     is drawn from window π_k(i) of the batch when ``s.remix`` (an independent permutation per
     source, so the sources of a new mixture need not have played together), scaled by a gain

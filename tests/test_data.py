@@ -79,6 +79,26 @@ def test_synth_is_deterministic_and_resumable(tmp_path, soundfont, capsys):
     assert _tree_hash(a) != _tree_hash(c)
 
 
+def test_synth_splits_make_a_held_out_test_corpus_of_the_same_songs(tmp_path, soundfont, capsys):
+    from wss_ray.cli import main
+
+    common = ["--tracks", "3", "--seconds", "2", "--seed", "11", "--sample-rate", "16000", "--workers", "1",
+              "--soundfont", soundfont]
+    assert main(["data", "synth", "--out", str(tmp_path / "held"), *common, "--splits", "0", "0", "1"]) == 0
+    assert sorted(p.name for p in (tmp_path / "held").iterdir()) == ["test"]
+    assert len(list((tmp_path / "held" / "test").iterdir())) == 3
+    # a song is a function of the seed and its index, not of its split
+    assert main(["data", "synth", "--out", str(tmp_path / "usual"), *common]) == 0
+    usual = {t.name: t for t in (tmp_path / "usual").glob("*/Track*")}
+    for t in (tmp_path / "held" / "test").iterdir():
+        assert _tree_hash(t) == _tree_hash(usual[t.name])
+    capsys.readouterr()
+    assert main(["data", "synth", "--out", str(tmp_path / "bad"), *common, "--splits", "0.5", "0.5", "0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--splits" in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "bad").exists()
+
+
 def test_synth_songs_vary(tmp_path):
     from wss_ray.data.synth import compose
 

@@ -23,7 +23,7 @@ def _cmd_synth(a) -> int:
     from wss_ray.data.synth import synthesize_corpus
 
     synthesize_corpus(a.out, a.tracks, a.seconds, a.seed, soundfont=a.soundfont, sample_rate=a.sample_rate,
-                      workers=a.workers, audio_format=a.format)
+                      workers=a.workers, audio_format=a.format, splits=a.splits)
     return 0
 
 
@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed; the corpus is a pure function of it")
     _render_args(p)
     p.add_argument("--format", choices=("flac", "wav"), default="flac", help="audio format (default flac)")
+    p.add_argument("--splits", nargs=3, type=float, metavar=("TRAIN", "VALIDATION", "TEST"), default=None,
+                   help="share of the songs in each split, summing to 1 (default 0.7 0.15 0.15); "
+                        "0 0 1 makes a held-out test corpus (with another --seed than the training corpus)")
     p.set_defaults(func=_cmd_synth)
 
     p = data.add_parser("scores", help="render a test corpus of real compositions (music21's public-domain "

@@ -393,10 +393,13 @@ def synthesize_corpus(out: str | Path, tracks: int, seconds: float, seed: int,
     """Write a Slakh-format corpus; finished tracks of an earlier run are kept."""
     if tracks <= 0 or seconds <= 0:
         raise ValueError(f"--tracks and --seconds must be > 0 (got {tracks}, {seconds})")
+    splits = [0.7, 0.15, 0.15] if splits is None else list(splits)
+    if len(splits) != 3 or not all(math.isfinite(f) and f >= 0 for f in splits) or abs(sum(splits) - 1) > 1e-6:
+        raise ValueError(f"--splits: three shares (train validation test), each 0 or more, summing to 1 (got {splits})")
     _import_fluidsynth()
     sf2 = find_soundfont(soundfont)
     out = check_out_folder(out)
-    plan = split_plan(tracks, splits or [0.7, 0.15, 0.15])
+    plan = split_plan(tracks, splits)
     for split in set(plan):
         (out / split).mkdir(parents=True, exist_ok=True)
     log(f"[synth] {tracks} tracks x {seconds:g} s at {sample_rate} Hz, seed {seed}, soundfont {sf2.name}, "

@@ -140,6 +140,28 @@ def test_supervised_loss_zero_when_exact():
     assert L.supervised_loss(ref, ref) == 0
 
 
+def test_supervised_snr_loss_is_capped_negative_snr_and_charges_silent_sources_their_energy():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(1, 2, 8000, generator=g)
+    ref[:, 1] = 0.0                                              # the second source is silent
+    mix = ref.sum(1)
+    half = L.supervised_snr_loss(0.5 * ref, ref, mix)            # source 0 at 6.02 dB SNR; source 1 exact
+    # (source 0's -SNR with the 30 dB threshold, source 1's 0) / 2
+    expected = (10 * np.log10(0.25 + 1e-3) - 10 * np.log10(1 + 1e-3)) / 2
+    assert float(half) == pytest.approx(expected, abs=1e-3)
+    exact = L.supervised_snr_loss(ref.clone(), ref, mix)
+    assert float(exact) == pytest.approx(-30.0 / 2, abs=0.01)     # capped at tau_db, not -inf
+    # energy in the silent source's estimate costs its share of the mixture's, in dB
+    leak = ref.clone()
+    leak[:, 1] = 0.1 * mix
+    assert float(L.supervised_snr_loss(leak, ref, mix)) == pytest.approx(
+        (-30.0 + 10 * np.log10(1e-2 + 1e-3) - 10 * np.log10(1e-3)) / 2, abs=0.01)
+    # finite gradients where estimate and reference are both digital silence
+    est = torch.zeros_like(ref, requires_grad=True)
+    L.supervised_snr_loss(est, ref, mix).backward()
+    assert torch.isfinite(est.grad).all() and est.grad[:, 0].abs().sum() > 0
+
+
 def test_si_sdr_known_values_and_mir_eval():
     import mir_eval
 

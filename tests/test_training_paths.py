@@ -573,3 +573,28 @@ def test_supervised_augmentation_draws_each_source_from_another_window_scaled_an
     meta = read_meta(train_local("supervised", cfg, features, tmp_path / "sup", log=None))
     assert len(calls) == 2 and meta["config"]["stages"]["supervised"]["remix"] is True
     assert np.isfinite(meta["metrics"]["loss"]) and np.isfinite(meta["metrics"]["val_si_sdr"])
+
+
+def test_supervised_snr_loss_is_what_the_stage_fits_in_training_and_validation(features, small_cfg, tmp_path,
+                                                                               monkeypatch):
+    """stages.supervised.loss=snr: the plain loop's training steps and validation both score the
+    waveforms with losses.supervised_snr_loss and no spectral loss; an unknown loss is refused
+    naming the field."""
+    import copy
+
+    from wss_ray.config import ConfigError, load_config
+    from wss_ray.stages import supervised as sup_mod
+
+    cfg = copy.deepcopy(small_cfg)
+    sup = cfg.stages["supervised"]
+    sup.steps, sup.checkpoint_every, sup.batch_size = 2, 2, 4
+    used = []
+    for name in ("supervised_snr_loss", "supervised_loss", "supervised_spectrum_loss"):
+        fn = getattr(sup_mod, name)
+        monkeypatch.setattr(sup_mod, name, lambda *a, _f=fn, _n=name: used.append(_n) or _f(*a))
+    sup.loss = "snr"
+    meta = read_meta(train_local("supervised", cfg, features, tmp_path / "snr", log=None))
+    assert set(used) == {"supervised_snr_loss"} and len(used) > 2
+    assert meta["config"]["stages"]["supervised"]["loss"] == "snr" and np.isfinite(meta["metrics"]["loss"])
+    with pytest.raises(ConfigError, match="stages.supervised.loss"):
+        load_config(None, ["stages.supervised.loss=sisdr"])

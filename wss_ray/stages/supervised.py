@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from wss_ray.config import SupervisedSettings
-from wss_ray.losses import si_sdr, supervised_loss, supervised_spectrum_loss
+from wss_ray.losses import si_sdr, supervised_loss, supervised_snr_loss, supervised_spectrum_loss
 from wss_ray.stages.base import COMMON_TUNABLE, Recipe, StepContext
 
 
@@ -14,28 +14,31 @@ class SupervisedRecipe(Recipe):
     needs_stems = True
     trainable = ("separator",)
     creates = "separator"
-    tunable = COMMON_TUNABLE | {"gain_min", "gain_max", "remix"}
+    tunable = COMMON_TUNABLE | {"gain_min", "gain_max", "remix", "loss"}
     val_metric, val_mode = "val_si_sdr", "max"
 
     def build(self, ctx: StepContext):
         return {"separator": ctx.new_separator()}
 
     @staticmethod
-    def _loss(out, ref: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def _loss(out, batch: dict, ctx: StepContext) -> torch.Tensor:
+        if ctx.stage.loss == "snr":   # on the waveforms, whatever the backbone
+            return supervised_snr_loss(out.waveforms(ctx.stft, batch["mix"].shape[-1]), batch["stems"], batch["mix"])
+        ref = ctx.stft(batch["stems"])
         if out.waves is not None:   # a waveform backbone: its phase is its own, so it is trained too
             return supervised_spectrum_loss(out.spectra(ctx.stft), ref)
         return supervised_loss(out.mag, ref.abs())
 
     def losses(self, batch, models, ctx):
         batch = augment(batch, ctx.stage)
-        return {"loss": self._loss(ctx.separate(models["separator"], batch), ctx.stft(batch["stems"]), ctx)}
+        return {"loss": self._loss(ctx.separate(models["separator"], batch), batch, ctx)}
 
     @torch.no_grad()
     def validate(self, batch, models, ctx):
         out = ctx.separate(models["separator"], batch)
         score = si_sdr(out.waveforms(ctx.stft, batch["mix"].shape[-1]), batch["stems"])
         audible = batch["stems"].abs().amax(dim=-1) > 1e-3
-        return {"val_loss": float(self._loss(out, ctx.stft(batch["stems"]), ctx)),
+        return {"val_loss": float(self._loss(out, batch, ctx)),
                 "val_si_sdr": float(score[audible].mean()) if audible.any() else 0.0}
 
 

@@ -22,11 +22,9 @@ from wss_ray.config import Config
 from wss_ray.data.contract import MODEL_SIGNAL_KEYS
 from wss_ray.data.dataset import iter_local, load_manifest
 from wss_ray.dsp import STFT, midi_to_hz
-from wss_ray.losses import si_sdr
+from wss_ray.losses import SILENCE_PEAK, si_sdr
 from wss_ray.separate import Separator
 
-# a reference quieter than this peak (about -60 dBFS) counts as silent in that chunk
-SILENCE_PEAK = 1e-3
 PAPER_ORDER = ("bass", "guitar", "piano")
 # the separation problem: chunks where at least this many targets are audible
 MIN_SOURCES = 2

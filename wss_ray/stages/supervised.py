@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from wss_ray.config import SupervisedSettings
-from wss_ray.losses import si_sdr, supervised_loss, supervised_snr_loss, supervised_spectrum_loss
+from wss_ray.losses import SILENCE_PEAK, si_sdr, supervised_loss, supervised_snr_loss, supervised_spectrum_loss
 from wss_ray.stages.base import COMMON_TUNABLE, Recipe, StepContext
 
 
@@ -37,7 +37,7 @@ class SupervisedRecipe(Recipe):
     def validate(self, batch, models, ctx):
         out = ctx.separate(models["separator"], batch)
         score = si_sdr(out.waveforms(ctx.stft, batch["mix"].shape[-1]), batch["stems"])
-        audible = batch["stems"].abs().amax(dim=-1) > 1e-3
+        audible = batch["stems"].abs().amax(dim=-1) > SILENCE_PEAK
         return {"val_loss": float(self._loss(out, batch, ctx)),
                 "val_si_sdr": float(score[audible].mean()) if audible.any() else 0.0}
 
